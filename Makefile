@@ -1,0 +1,54 @@
+# Two commands: `make run` (set up and serve) and `make test` (set up and run every check).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Daphne refuses (close 1009) WebSocket messages above this many bytes; the chat consumer's
+# own limit (CHAT_MAX_FRAME_BYTES, 64 KiB) answers smaller oversize frames with an error.
+WS_MAX_BYTES ?= 65536
+
+.PHONY: run setup setup-dev migrate demo test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+setup: $(VENV)/.runtime migrate demo
+
+setup-dev: $(VENV)/.dev
+
+migrate: $(VENV)/.runtime
+	$(BIN)/python manage.py migrate --no-input -v 0
+
+demo: migrate
+	$(BIN)/python manage.py chat_demo
+
+run: setup
+	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl-C to stop)"
+	exec $(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(WS_MAX_BYTES) \
+		project.asgi:application
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup-dev lint
+	$(BIN)/python manage.py check
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) db.sqlite3* test.sqlite3* staticfiles .pytest_cache .mypy_cache .ruff_cache

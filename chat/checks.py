@@ -1,0 +1,48 @@
+"""System checks: fail fast, with the fix in the message, when the host misconfigures us."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning, register
+
+from .conf import app_settings
+
+
+@register()
+def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    positive = {
+        "CHAT_HISTORY_LIMIT": app_settings.HISTORY_LIMIT,
+        "CHAT_MAX_TEXT_LENGTH": app_settings.MAX_TEXT_LENGTH,
+        "CHAT_MAX_FRAME_BYTES": app_settings.MAX_FRAME_BYTES,
+        "CHAT_MAX_FRAMES_PER_MESSAGE": app_settings.MAX_FRAMES_PER_MESSAGE,
+        "CHAT_RATE_LIMIT_MESSAGES": app_settings.RATE_LIMIT_MESSAGES,
+        "CHAT_RATE_LIMIT_WINDOW_SECONDS": app_settings.RATE_LIMIT_WINDOW_SECONDS,
+        "CHAT_REPLAY_BATCH_SIZE": app_settings.REPLAY_BATCH_SIZE,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            errors.append(Error(f"{name} must be positive, got {value}.", id="chat.E001"))
+    if not getattr(settings, "CHANNEL_LAYERS", None):
+        errors.append(
+            Error(
+                "chat needs a channel layer.",
+                hint="Set CHANNEL_LAYERS, e.g. channels.layers.InMemoryChannelLayer for one "
+                "process or channels_redis.pubsub.RedisPubSubChannelLayer for several.",
+                id="chat.E002",
+            )
+        )
+    if "channels" not in settings.INSTALLED_APPS:
+        errors.append(Error("Add 'channels' to INSTALLED_APPS.", id="chat.E003"))
+    if app_settings.MAX_TEXT_LENGTH * 4 > app_settings.MAX_FRAME_BYTES:
+        errors.append(
+            Warning(
+                "CHAT_MAX_FRAME_BYTES is smaller than the longest allowed text could need "
+                "in UTF-8 (4 bytes per character): long non-ASCII messages will be refused "
+                "as too large instead of too long.",
+                id="chat.W001",
+            )
+        )
+    return errors

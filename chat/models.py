@@ -1,0 +1,68 @@
+"""Rooms, memberships and messages. The database is the source of truth for every frame."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Room(models.Model):
+    slug = models.SlugField(max_length=64, unique=True)
+    title = models.CharField(max_length=200)
+    is_private = models.BooleanField(
+        default=False, help_text="Private rooms admit only users with a membership."
+    )
+    # Highest seq handed out in this room. Incremented under the room's row lock in the
+    # same transaction as the insert, so a rolled-back send never leaves a gap.
+    last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Membership(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_memberships"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["room", "user"], name="chat_membership_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.room}"
+
+
+class Message(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    seq = models.PositiveBigIntegerField()
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="chat_messages"
+    )
+    text = models.TextField()
+    # Chosen by the client so a resend after a reconnect is recognised (idempotent send).
+    client_id = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["room", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="chat_message_room_seq"),
+            models.UniqueConstraint(
+                fields=["room", "user", "client_id"],
+                condition=~Q(client_id=""),
+                name="chat_message_client_id",
+            ),
+        ]
+        indexes = [models.Index(fields=["user", "created_at"], name="chat_msg_user_created")]
+
+    def __str__(self) -> str:
+        return f"{self.room}#{self.seq}"

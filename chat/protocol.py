@@ -1,0 +1,194 @@
+"""The chat WebSocket wire format: parsing client frames and encoding server frames.
+
+Pure: no database, no settings, no I/O. Limits are passed in. docs/protocol.md describes the
+same frames for client authors; tests/test_protocol.py pins their shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, Union
+
+# Error codes sent in {"type": "error", "code": ...}.
+BAD_JSON = "bad_json"
+BAD_FRAME = "bad_frame"
+TOO_LONG = "too_long"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"
+
+# WebSocket close codes (4000-4999 are for applications). Clients must not reconnect on these.
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+MAX_CLIENT_ID_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_text_length: int
+    max_frame_bytes: int
+    max_frames_per_message: int
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    text: str
+    client_id: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    after: int
+
+
+@dataclass(frozen=True)
+class FrameError:
+    code: str
+    message: str
+    client_id: str | None = None
+
+
+ClientFrame = Union[SendMessage, Ping, Resume]
+
+
+class ProtocolError(Exception):
+    """The whole WebSocket message is unusable (not JSON, too large, wrong top-level shape)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int; true is not a sequence number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameError:
+    client_id = obj.get("client_id", "")
+    if client_id is None:
+        client_id = ""
+    if not isinstance(client_id, str):
+        return FrameError(BAD_FRAME, "client_id must be a string.")
+    if len(client_id) > MAX_CLIENT_ID_LENGTH:
+        return FrameError(BAD_FRAME, f"client_id is longer than {MAX_CLIENT_ID_LENGTH} characters.")
+    cid = client_id or None
+    text = obj.get("text")
+    if not isinstance(text, str):
+        return FrameError(BAD_FRAME, "text must be a string.", cid)
+    if not text.strip():
+        return FrameError(BAD_FRAME, "text must not be empty.", cid)
+    if len(text) > limits.max_text_length:
+        return FrameError(TOO_LONG, f"text is longer than {limits.max_text_length} characters.", cid)
+    if "\x00" in text:
+        return FrameError(BAD_FRAME, "text must not contain NUL characters.", cid)
+    return SendMessage(text=text, client_id=client_id)
+
+
+def _parse_resume(obj: dict[str, Any]) -> Resume | FrameError:
+    after = obj.get("after")
+    if not _is_int(after) or after < 0:
+        return FrameError(BAD_FRAME, "after must be a non-negative integer.")
+    return Resume(after=after)
+
+
+def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
+    """Validate one decoded client frame against the allowlist of frame types."""
+    if not isinstance(obj, dict):
+        return FrameError(BAD_FRAME, "A frame must be a JSON object.")
+    frame_type = obj.get("type")
+    if frame_type == "message":
+        return _parse_message(obj, limits)
+    if frame_type == "ping":
+        return Ping()
+    if frame_type == "resume":
+        return _parse_resume(obj)
+    if not isinstance(frame_type, str):
+        return FrameError(BAD_FRAME, "A frame needs a string 'type'.")
+    return FrameError(BAD_FRAME, f"Unknown frame type {frame_type[:40]!r}.")
+
+
+def parse_client_text(text: str, limits: Limits) -> list[ClientFrame | FrameError]:
+    """Decode one WebSocket text message into frames (an object, or an array of objects)."""
+    if len(text.encode("utf-8")) > limits.max_frame_bytes:
+        raise ProtocolError(TOO_LARGE, f"Messages are limited to {limits.max_frame_bytes} bytes.")
+    try:
+        decoded = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(BAD_JSON, "The message is not valid JSON.") from None
+    if isinstance(decoded, list):
+        if not decoded:
+            raise ProtocolError(BAD_FRAME, "An array of frames must not be empty.")
+        if len(decoded) > limits.max_frames_per_message:
+            raise ProtocolError(
+                BAD_FRAME, f"At most {limits.max_frames_per_message} frames per message."
+            )
+        return [parse_frame(item, limits) for item in decoded]
+    return [parse_frame(decoded, limits)]
+
+
+# --- server frames ---------------------------------------------------------------------
+
+
+class UserLike(Protocol):
+    pk: Any
+    username: str
+
+
+class MessageLike(Protocol):
+    id: Any
+    seq: int
+    text: str
+    client_id: str
+    created_at: datetime
+
+
+def user_frame(user: UserLike) -> dict[str, Any]:
+    return {"id": user.pk, "username": user.username}
+
+
+def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "seq": message.seq,
+        "id": message.id,
+        "room": room_slug,
+        "user": user_frame(user),
+        "text": message.text,
+        "client_id": message.client_id or None,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
+def hello_frame(room_slug: str, user: UserLike, last_seq: int) -> dict[str, Any]:
+    return {"type": "hello", "room": room_slug, "user": user_frame(user), "last_seq": last_seq}
+
+
+def ack_frame(client_id: str, seq: int) -> dict[str, Any]:
+    return {"type": "ack", "client_id": client_id or None, "seq": seq}
+
+
+def pong_frame() -> dict[str, Any]:
+    return {"type": "pong"}
+
+
+def error_frame(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if client_id:
+        frame["client_id"] = client_id
+    return frame
+
+
+def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """Serialise one frame, or a batch of frames, to the text of one WebSocket message."""
+    return json.dumps(frames, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,147 @@
+"""Chat mutations and the broadcasts that follow them: the one place side effects happen.
+
+Consumers and views parse, authorize and delegate here. A message is stored under its room's
+row lock (which makes seq gap-free across processes), and broadcast only after the transaction
+commits, encoded once for every recipient.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser
+from django.db import transaction
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from . import protocol
+from .conf import app_settings
+from .models import Membership, Message, Room
+
+logger = logging.getLogger(__name__)
+
+AnyUser = AbstractBaseUser | AnonymousUser
+
+
+class RoomNotFound(Exception):
+    pass
+
+
+class AccessDenied(Exception):
+    pass
+
+
+class RateLimited(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PostResult:
+    message: Message
+    created: bool
+
+
+def room_group(room_id: int) -> str:
+    """Name of the channel-layer group of a room's connected sockets."""
+    return f"chat.room.{room_id}"
+
+
+def visible_rooms(user: AnyUser) -> QuerySet[Room]:
+    """Rooms the user may enter: every public room and the private ones they belong to."""
+    if not user.is_authenticated:
+        return Room.objects.none()
+    return Room.objects.filter(Q(is_private=False) | Q(memberships__user=user)).distinct()
+
+
+def get_room_for(user: AnyUser, slug: str) -> Room:
+    """Return the room if ``user`` may enter it; raise RoomNotFound or AccessDenied."""
+    try:
+        room = Room.objects.get(slug=slug)
+    except Room.DoesNotExist:
+        raise RoomNotFound(slug) from None
+    if not user.is_authenticated:
+        raise AccessDenied(slug)
+    if room.is_private and not Membership.objects.filter(room=room, user=user).exists():
+        raise AccessDenied(slug)
+    return room
+
+
+def last_seq(room_id: int) -> int:
+    return Room.objects.values_list("last_seq", flat=True).get(pk=room_id)
+
+
+def _check_rate(user: AbstractBaseUser) -> None:
+    window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
+    # Counting stored messages needs no extra state and holds across processes and tabs.
+    recent = Message.objects.filter(user=user, created_at__gte=timezone.now() - window).count()
+    if recent >= app_settings.RATE_LIMIT_MESSAGES:
+        raise RateLimited()
+
+
+def post_message(room_id: int, user: AbstractBaseUser, text: str, client_id: str = "") -> PostResult:
+    """Store a message with the room's next seq, or return the one this client_id already made.
+
+    Raises RateLimited, or DatabaseError when the database is unavailable.
+    """
+    with transaction.atomic():
+        # The row lock serialises senders of this room (all processes) until commit, so seqs
+        # are handed out in commit order, and a rollback returns its seq with it.
+        room = Room.objects.select_for_update().only("id", "slug", "last_seq").get(pk=room_id)
+        if client_id:
+            existing = Message.objects.filter(room=room, user=user, client_id=client_id).first()
+            if existing is not None:
+                return PostResult(existing, created=False)
+        _check_rate(user)
+        seq = room.last_seq + 1
+        Room.objects.filter(pk=room.pk).update(last_seq=seq)
+        message = Message.objects.create(
+            room=room, seq=seq, user=user, text=text, client_id=client_id
+        )
+        frame_text = protocol.encode(protocol.message_frame(message, room.slug, user))
+        transaction.on_commit(
+            lambda: broadcast(room.pk, {"type": "chat.message", "seq": seq, "text": frame_text}),
+            robust=True,
+        )
+    return PostResult(message, created=True)
+
+
+def broadcast(room_id: int, event: dict[str, Any]) -> None:
+    """Send an already-encoded event to every socket of the room (call after commit)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    async_to_sync(layer.group_send)(room_group(room_id), event)
+
+
+def message_frames(room: Room, after: int, upto: int, limit: int) -> list[dict[str, Any]]:
+    """Frames of the room's messages with ``after < seq <= upto``, oldest first, at most ``limit``."""
+    rows = (
+        Message.objects.filter(room=room, seq__gt=after, seq__lte=upto)
+        .select_related("user")
+        .order_by("seq")[:limit]
+    )
+    return [protocol.message_frame(m, room.slug, m.user) for m in rows]
+
+
+def latest_frames(room: Room, upto: int, limit: int) -> list[dict[str, Any]]:
+    """Frames of the last ``limit`` messages with ``seq <= upto``, oldest first."""
+    rows = (
+        Message.objects.filter(room=room, seq__lte=upto)
+        .select_related("user")
+        .order_by("-seq")[:limit]
+    )
+    return [protocol.message_frame(m, room.slug, m.user) for m in reversed(rows)]
+
+
+aget_room_for = database_sync_to_async(get_room_for)
+alast_seq = database_sync_to_async(last_seq)
+apost_message = database_sync_to_async(post_message)
+amessage_frames = database_sync_to_async(message_frames)
+alatest_frames = database_sync_to_async(latest_frames)
