@@ -132,7 +132,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             window = app_settings.RATE_LIMIT_WINDOW_SECONDS
             limit = app_settings.RATE_LIMIT_MESSAGES
             await self._error(
-                protocol.RATE_LIMITED, f"At most {limit} messages per {window:g} s; retry later.", cid
+                protocol.RATE_LIMITED,
+                f"At most {limit} messages per {window:g} s; retry later.",
+                cid,
             )
             return
         except DatabaseError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 # Error codes sent in {"type": "error", "code": ...}.
 BAD_JSON = "bad_json"
@@ -57,7 +57,7 @@ class FrameError:
     client_id: str | None = None
 
 
-ClientFrame = Union[SendMessage, Ping, Resume]
+ClientFrame = SendMessage | Ping | Resume
 
 
 class ProtocolError(Exception):
@@ -67,11 +67,6 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _is_int(value: Any) -> bool:
-    # bool is a subclass of int; true is not a sequence number.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameError:
@@ -89,7 +84,9 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
     if not text.strip():
         return FrameError(BAD_FRAME, "text must not be empty.", cid)
     if len(text) > limits.max_text_length:
-        return FrameError(TOO_LONG, f"text is longer than {limits.max_text_length} characters.", cid)
+        return FrameError(
+            TOO_LONG, f"text is longer than {limits.max_text_length} characters.", cid
+        )
     if "\x00" in text:
         return FrameError(BAD_FRAME, "text must not contain NUL characters.", cid)
     return SendMessage(text=text, client_id=client_id)
@@ -97,7 +94,8 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
 
 def _parse_resume(obj: dict[str, Any]) -> Resume | FrameError:
     after = obj.get("after")
-    if not _is_int(after) or after < 0:
+    # bool is a subclass of int, but true is not a sequence number.
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
         return FrameError(BAD_FRAME, "after must be a non-negative integer.")
     return Resume(after=after)
 
@@ -142,7 +140,8 @@ def parse_client_text(text: str, limits: Limits) -> list[ClientFrame | FrameErro
 
 class UserLike(Protocol):
     pk: Any
-    username: str
+
+    def get_username(self) -> str: ...
 
 
 class MessageLike(Protocol):
@@ -154,7 +153,8 @@ class MessageLike(Protocol):
 
 
 def user_frame(user: UserLike) -> dict[str, Any]:
-    return {"id": user.pk, "username": user.username}
+    # get_username() honours custom user models whose USERNAME_FIELD is not "username".
+    return {"id": user.pk, "username": user.get_username()}
 
 
 def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[str, Any]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.contrib.auth.base_user import AbstractBaseUser
-from django.contrib.auth.models import AnonymousUser
 from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -27,7 +25,11 @@ from .models import Membership, Message, Room
 
 logger = logging.getLogger(__name__)
 
-AnyUser = AbstractBaseUser | AnonymousUser
+if TYPE_CHECKING:
+    # Resolved by django-stubs to settings.AUTH_USER_MODEL; nothing is imported at run time.
+    from django.contrib.auth.models import AnonymousUser, User
+
+    AnyUser = User | AnonymousUser
 
 
 class RoomNotFound(Exception):
@@ -77,7 +79,7 @@ def last_seq(room_id: int) -> int:
     return Room.objects.values_list("last_seq", flat=True).get(pk=room_id)
 
 
-def _check_rate(user: AbstractBaseUser) -> None:
+def _check_rate(user: User) -> None:
     window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
     # Counting stored messages needs no extra state and holds across processes and tabs.
     recent = Message.objects.filter(user=user, created_at__gte=timezone.now() - window).count()
@@ -85,7 +87,7 @@ def _check_rate(user: AbstractBaseUser) -> None:
         raise RateLimited()
 
 
-def post_message(room_id: int, user: AbstractBaseUser, text: str, client_id: str = "") -> PostResult:
+def post_message(room_id: int, user: User, text: str, client_id: str = "") -> PostResult:
     """Store a message with the room's next seq, or return the one this client_id already made.
 
     Raises RateLimited, or DatabaseError when the database is unavailable.
@@ -121,7 +123,7 @@ def broadcast(room_id: int, event: dict[str, Any]) -> None:
 
 
 def message_frames(room: Room, after: int, upto: int, limit: int) -> list[dict[str, Any]]:
-    """Frames of the room's messages with ``after < seq <= upto``, oldest first, at most ``limit``."""
+    """Frames of messages with ``after < seq <= upto``, oldest first, at most ``limit``."""
     rows = (
         Message.objects.filter(room=room, seq__gt=after, seq__lte=upto)
         .select_related("user")

@@ -18,7 +18,9 @@ def _database_ok() -> bool:
 async def healthz(request: HttpRequest) -> JsonResponse:
     """Answer 200 once the process serves requests and reaches its database."""
     ok = await sync_to_async(_database_ok)()
-    return JsonResponse({"status": "ok" if ok else "degraded", "database": ok}, status=200 if ok else 503)
+    return JsonResponse(
+        {"status": "ok" if ok else "degraded", "database": ok}, status=200 if ok else 503
+    )
 
 
 def home(request: HttpRequest) -> HttpResponse:

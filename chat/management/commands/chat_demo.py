@@ -9,7 +9,8 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from chat.models import Room
 
-DEFAULT_PASSWORD = "demo-pass-123"
+# A public demo credential for local `make run` only, printed on the console by design.
+DEFAULT_PASSWORD = "demo-pass-123"  # noqa: S105
 
 
 class Command(BaseCommand):
