@@ -7,6 +7,8 @@ no service at all (SQLite, the in-memory channel layer, the offline demo LLM):
 - ``REDIS_URL``: e.g. ``redis://127.0.0.1:6379/0``; switches the channel layer to Redis so
   several daphne processes serve the same rooms.
 - ``DJANGO_SECRET_KEY``, ``DJANGO_DEBUG`` (``1``/``0``), ``DJANGO_ALLOWED_HOSTS`` (comma list).
+- ``SQLITE_PATH``, ``SQLITE_TIMEOUT_SECONDS`` (busy timeout, default 20) and the ``CHAT_*``
+  knobs at the end: the end-to-end tests start daphne with these to provoke limits and errors.
 
 ``chat`` and ``notifications`` never import this module: it is only one host for them.
 """
@@ -108,10 +110,12 @@ else:
                 # Writers take the lock at BEGIN, so concurrent senders queue on the busy
                 # timeout instead of failing with "database is locked" on lock upgrade.
                 "transaction_mode": "IMMEDIATE",
-                "timeout": 20,
+                "timeout": float(os.environ.get("SQLITE_TIMEOUT_SECONDS", "20")),
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            "TEST": {"NAME": os.environ.get("SQLITE_TEST_PATH", str(BASE_DIR / "test.sqlite3"))},
+            # In-memory test database (shared cache across threads): parallel test runs in
+            # one checkout cannot clobber each other's file.
+            "TEST": {"NAME": os.environ.get("SQLITE_TEST_PATH") or None},
         }
     }
 
@@ -173,3 +177,5 @@ LOGGING = {
 # App settings: see docs/settings.md. Test runs lower some of these through the environment.
 CHAT_RATE_LIMIT_MESSAGES = int(os.environ.get("CHAT_RATE_LIMIT_MESSAGES", "10"))
 CHAT_RATE_LIMIT_WINDOW_SECONDS = float(os.environ.get("CHAT_RATE_LIMIT_WINDOW_SECONDS", "5"))
+CHAT_REPLAY_BATCH_SIZE = int(os.environ.get("CHAT_REPLAY_BATCH_SIZE", "200"))
+CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", str(64 * 1024)))
