@@ -1,0 +1,721 @@
+/*
+ * Chat room client. Vanilla JS, no build step, no dependencies.
+ *
+ * Wire protocol: docs/protocol.md (server: chat/protocol.py, chat/consumers.py).
+ *
+ * What it guarantees on screen:
+ *  - every stored message is shown once, in seq order, across reconnects: it resumes with
+ *    ?after=<lastSeq>, drops seq <= lastSeq, and on a gap asks for a replay instead of
+ *    rendering out of order;
+ *  - nothing typed is lost: each message sits in an outbox (localStorage, per room and user)
+ *    until the server acks it, and is resent after every reconnect with the same client_id,
+ *    which the server stores only once.
+ *
+ * Knobs, in milliseconds unless noted. Each comes from, in increasing priority: the defaults
+ * below, a data attribute on #chat-room (data-ping-interval-ms="5000"), and window.CHAT_CONFIG
+ * set before this script runs (e.g. by a test: window.CHAT_CONFIG = {pingIntervalMs: 1000}).
+ *   pingIntervalMs    25000  send a ping this often
+ *   pongTimeoutMs     10000  no frame at all within this after a ping: the socket is dead
+ *   backoffBaseMs       500  reconnect delay ceiling for the first retry (doubles per retry;
+ *                            the delay is uniform in [0, ceiling): "full jitter")
+ *   backoffCapMs      15000  largest reconnect delay ceiling
+ *   connectTimeoutMs  10000  a socket must open and send hello within this
+ *   retryMs            3000  resend delay (±50 %) after rate_limited / unavailable
+ *   historyLimit         50  messages reloaded after the server's database was reset
+ *
+ * Debug hook (read-only, for tests and the console): window.chatClient with state, lastSeq,
+ * outboxLength, sessions (hellos received), config, and reconnectNow().
+ */
+(function () {
+  "use strict";
+
+  const DEFAULTS = Object.freeze({
+    pingIntervalMs: 25000,
+    pongTimeoutMs: 10000,
+    backoffBaseMs: 500,
+    backoffCapMs: 15000,
+    connectTimeoutMs: 10000,
+    retryMs: 3000,
+    historyLimit: 50,
+  });
+
+  // Close codes after which reconnecting cannot help (chat/protocol.py CLOSE_*).
+  const FATAL_CLOSES = {
+    4401: "You are not logged in any more. Log in again, then reload this page.",
+    4403: "You are not allowed in this room.",
+    4404: "This room does not exist.",
+  };
+  // Errors for one message that the same frame will hit again later: keep it and retry.
+  const RETRYABLE_ERRORS = new Set(["rate_limited", "unavailable"]);
+  const STATE_LABELS = {
+    connecting: "connecting…",
+    connected: "connected",
+    reconnecting: "reconnecting…",
+    offline: "offline",
+  };
+  const STATUS_LABELS = {
+    queued: "waiting for connection",
+    sending: "sending…",
+    sent: "sent",
+    retrying: "retrying…",
+    failed: "not sent",
+  };
+  // Frames held back behind a gap; past this many, drop them (the replay brings them again).
+  const MAX_HELD_FRAMES = 1000;
+  // A visible page whose timers stalled this long was asleep (laptop lid, frozen tab).
+  const SLEEP_CHECK_MS = 5000;
+  const SLEEP_GAP_MS = 30000;
+  const OPEN = 1; // WebSocket.OPEN
+
+  const root = document.getElementById("chat-room");
+  if (!root) return;
+
+  const config = readConfig(root);
+  const els = {
+    state: root.querySelector("[data-testid=conn-state]"),
+    notice: root.querySelector("[data-testid=notice]"),
+    list: root.querySelector("[data-testid=messages]"),
+    form: root.querySelector("[data-testid=composer]"),
+    input: root.querySelector("[data-testid=text]"),
+    send: root.querySelector("[data-testid=send]"),
+  };
+  const store = outboxStore(`chat:outbox:${config.room}:${config.userId}`);
+
+  // --- connection state ---
+  let ws = null; // the current socket; events of abandoned sockets are ignored
+  let session = false; // hello received on the current socket
+  let fatal = false; // the server said not to come back
+  let everConnected = false;
+  let attempt = 0; // reconnects since the last hello: drives the backoff
+  let sessions = 0;
+  let state = "connecting";
+  let lastFrameAt = 0;
+  let pongQueue = []; // what each outstanding ping was for: "keepalive" or "barrier"
+  const timers = {};
+
+  // --- ordering state ---
+  let lastSeq = 0; // highest seq rendered
+  let synced = false; // lastSeq can be sent as ?after= (false until history has started)
+  let baseline = false; // the next message frame opens the history window of a fresh session
+  const held = new Map(); // seq -> frame that arrived ahead of a gap
+  let resumeInFlight = false;
+  let resumeFailed = false;
+
+  // --- outbox: client_id -> {client_id, text, created_at}, in typing order ---
+  const outbox = new Map();
+  const inflight = new Set(); // client_ids sent on the current socket, awaiting an answer
+
+  init();
+
+  // ------------------------------------------------------------------ setup
+
+  function readConfig(el) {
+    const cfg = {
+      room: el.dataset.room,
+      userId: el.dataset.userId,
+      username: el.dataset.username,
+      maxLength: Number(el.dataset.maxLength) || 4000,
+      wsPath: el.dataset.wsPath || `/ws/chat/${encodeURIComponent(el.dataset.room)}/`,
+    };
+    const overrides = window.CHAT_CONFIG || {};
+    for (const name of Object.keys(DEFAULTS)) {
+      cfg[name] = DEFAULTS[name];
+      const fromData = Number(el.dataset[name]);
+      if (el.dataset[name] !== undefined && fromData >= 0) cfg[name] = fromData;
+      const fromWindow = Number(overrides[name]);
+      if (overrides[name] !== undefined && fromWindow >= 0) cfg[name] = fromWindow;
+    }
+    return Object.freeze(cfg);
+  }
+
+  function init() {
+    for (const item of store.load()) {
+      outbox.set(item.client_id, item);
+      renderPending(item, "queued");
+    }
+    els.form.addEventListener("submit", onSubmit);
+    window.addEventListener("online", () => {
+      attempt = 0;
+      wake();
+    });
+    window.addEventListener("offline", onOffline);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") wake();
+    });
+    watchForSleep();
+    window.chatClient = debugHook();
+    connect();
+  }
+
+  function debugHook() {
+    return Object.freeze({
+      get state() {
+        return state;
+      },
+      get lastSeq() {
+        return lastSeq;
+      },
+      get outboxLength() {
+        return outbox.size;
+      },
+      get sessions() {
+        return sessions;
+      },
+      config,
+      reconnectNow: () => dropConnection("debug", true),
+    });
+  }
+
+  // ------------------------------------------------------------------ connection
+
+  function wsUrl() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = synced ? `?after=${lastSeq}` : "";
+    return `${scheme}//${location.host}${config.wsPath}${query}`;
+  }
+
+  function connect() {
+    clearTimeout(timers.retry);
+    if (fatal || ws) return;
+    setState(everConnected ? "reconnecting" : "connecting");
+    let socket;
+    try {
+      socket = new WebSocket(wsUrl());
+    } catch (err) {
+      scheduleReconnect();
+      return;
+    }
+    ws = socket;
+    socket.onopen = () => {
+      if (socket !== ws) return;
+      lastFrameAt = Date.now();
+      timers.ping = setInterval(ping, config.pingIntervalMs);
+    };
+    socket.onmessage = (ev) => {
+      if (socket === ws) onData(socket, ev.data);
+    };
+    socket.onclose = (ev) => {
+      if (socket === ws) onClosed(ev.code);
+    };
+    // A socket that hangs in the handshake (lost SYN, stuck server) never fires close soon.
+    timers.handshake = setTimeout(() => {
+      if (socket === ws && !session) dropConnection("no hello", false);
+    }, config.connectTimeoutMs);
+  }
+
+  // Forget the current socket and its timers; its late events are ignored (socket !== ws).
+  function teardown() {
+    ws = null;
+    session = false;
+    baseline = false;
+    resumeInFlight = false;
+    resumeFailed = false;
+    pongQueue = [];
+    held.clear();
+    inflight.clear();
+    clearInterval(timers.ping);
+    for (const name of ["handshake", "dead", "expect", "resume"]) clearTimeout(timers[name]);
+    timers.dead = null;
+  }
+
+  // Give up on a socket we think is dead. Its close handshake could take a minute to time out,
+  // so don't wait for onclose: reconnect right away (immediate) or after the backoff.
+  function dropConnection(reason, immediate) {
+    const socket = ws;
+    if (!socket) return;
+    teardown();
+    try {
+      socket.close(4000, reason);
+    } catch (err) {
+      // Already closing: nothing to do.
+    }
+    if (immediate) connect();
+    else scheduleReconnect();
+  }
+
+  function onClosed(code) {
+    teardown();
+    if (FATAL_CLOSES[code]) stopForGood(FATAL_CLOSES[code]);
+    else scheduleReconnect();
+  }
+
+  function stopForGood(message) {
+    fatal = true;
+    clearTimeout(timers.retry);
+    setState("offline");
+    showNotice(message, "fatal");
+    els.input.disabled = true;
+    els.send.disabled = true;
+  }
+
+  // Full jitter: many clients dropped by one server restart spread their retries out.
+  function scheduleReconnect() {
+    if (fatal) return;
+    setState(navigator.onLine === false ? "offline" : "reconnecting");
+    if (everConnected) {
+      showNotice("Connection lost. Reconnecting; what you write is kept and sent then.", "connection");
+    }
+    const ceiling = Math.min(config.backoffCapMs, config.backoffBaseMs * 2 ** attempt);
+    attempt += 1;
+    clearTimeout(timers.retry);
+    timers.retry = setTimeout(connect, Math.random() * ceiling);
+  }
+
+  // Something suggests the network is back or the page slept: check the socket now.
+  function wake() {
+    if (fatal) return;
+    if (!ws) {
+      connect();
+      return;
+    }
+    if (!session) return; // a handshake is under way; its timer guards it
+    // After a long sleep the socket is almost certainly dead: don't wait for a pong timeout.
+    if (Date.now() - lastFrameAt > config.pingIntervalMs + config.pongTimeoutMs) {
+      dropConnection("woke up", true);
+    } else {
+      ping();
+    }
+  }
+
+  function onOffline() {
+    if (!session) setState("offline");
+    // A socket may survive a network change, or die silently: find out within pongTimeoutMs.
+    else ping();
+  }
+
+  // Timers of a visible page that fire far too late mean the machine was asleep.
+  function watchForSleep() {
+    let lastTick = Date.now();
+    setInterval(() => {
+      const now = Date.now();
+      if (document.visibilityState === "visible" && now - lastTick > SLEEP_GAP_MS) wake();
+      lastTick = now;
+    }, SLEEP_CHECK_MS);
+  }
+
+  function setState(next) {
+    state = next;
+    els.state.dataset.state = next;
+    els.state.textContent = STATE_LABELS[next];
+  }
+
+  // ------------------------------------------------------------------ heartbeat
+
+  function ping() {
+    if (sendFrame({ type: "ping" })) {
+      pongQueue.push("keepalive");
+      armDeadTimer();
+    }
+  }
+
+  function armDeadTimer() {
+    if (timers.dead) return;
+    timers.dead = setTimeout(() => {
+      timers.dead = null;
+      dropConnection("no pong", false);
+    }, config.pongTimeoutMs);
+  }
+
+  // ------------------------------------------------------------------ incoming frames
+
+  function onData(socket, data) {
+    lastFrameAt = Date.now();
+    // Any frame proves the connection is alive.
+    clearTimeout(timers.dead);
+    timers.dead = null;
+    let decoded;
+    try {
+      decoded = JSON.parse(data);
+    } catch (err) {
+      return; // not ours to fix; the next frames may be fine
+    }
+    const frames = Array.isArray(decoded) ? decoded : [decoded];
+    for (const frame of frames) {
+      if (socket !== ws) return; // a handler gave up on this socket
+      if (frame && typeof frame.type === "string") dispatch(frame);
+    }
+  }
+
+  function dispatch(frame) {
+    switch (frame.type) {
+      case "hello":
+        return onHello(frame);
+      case "message":
+        return onMessage(frame);
+      case "ack":
+        return onAck(frame);
+      case "pong":
+        return onPong();
+      case "error":
+        return onError(frame);
+      default:
+        return undefined; // newer server, unknown frame: ignore
+    }
+  }
+
+  function onHello(hello) {
+    // Another tab logged in as someone else: never send this user's outbox under that name.
+    if (String(hello.user && hello.user.id) !== String(config.userId)) {
+      const who = hello.user ? hello.user.username : "someone else";
+      stopForGood(`This browser is now logged in as ${who}. Reload the page.`);
+      dropConnection("user changed", false);
+      return;
+    }
+    session = true;
+    sessions += 1;
+    everConnected = true;
+    attempt = 0;
+    clearTimeout(timers.handshake);
+    setState("connected");
+    hideNotice("connection");
+    const serverLast = Number(hello.last_seq) || 0;
+    if (synced && serverLast < lastSeq) {
+      reloadHistory(serverLast);
+    } else if (!synced) {
+      // Fresh session: history is the last few messages, starting at an unknown seq.
+      if (serverLast > 0) baseline = true;
+      else synced = true;
+    }
+    flushOutbox();
+  }
+
+  // The server forgot messages we showed (its database was reset): start over from its view.
+  function reloadHistory(serverLast) {
+    for (const li of els.list.querySelectorAll("li[data-seq]")) li.remove();
+    lastSeq = Math.max(0, serverLast - config.historyLimit);
+    showNotice("The server's history was reset; messages were reloaded.", "info");
+    if (serverLast > lastSeq) requestResume();
+  }
+
+  function onMessage(msg) {
+    if (!Number.isInteger(msg.seq) || msg.seq < 1) return;
+    if (baseline) {
+      baseline = false;
+      synced = true;
+      lastSeq = Math.max(lastSeq, msg.seq - 1);
+    }
+    if (msg.seq <= lastSeq) {
+      settleOwn(msg); // a duplicate: it is on screen already
+      return;
+    }
+    if (msg.seq > lastSeq + 1) {
+      holdBehindGap(msg);
+      return;
+    }
+    renderConfirmed(msg);
+    drainHeld();
+  }
+
+  function renderConfirmed(msg) {
+    const stick = isScrolledToBottom();
+    const li = messageElement(msg.user && msg.user.username, msg.text, msg.created_at);
+    li.dataset.seq = String(msg.seq);
+    if (isMine(msg)) li.classList.add("mine");
+    // Confirmed messages stay above the unconfirmed ones (pending, failed) at the bottom.
+    els.list.insertBefore(li, els.list.querySelector("li[data-client-id]"));
+    lastSeq = msg.seq;
+    settleOwn(msg);
+    if (stick) scrollToBottom();
+  }
+
+  // Our own message came back: it is stored, so it leaves the outbox and its pending twin goes.
+  function settleOwn(msg) {
+    if (!msg.client_id || !isMine(msg)) return;
+    forget(msg.client_id);
+    const li = pendingElement(msg.client_id);
+    if (li) li.remove();
+  }
+
+  function isMine(msg) {
+    return Boolean(msg.user) && String(msg.user.id) === String(config.userId);
+  }
+
+  // Never render out of order: keep the frame, ask for the missing ones.
+  function holdBehindGap(msg) {
+    if (held.size >= MAX_HELD_FRAMES) held.clear();
+    held.set(msg.seq, msg);
+    requestResume();
+  }
+
+  function drainHeld() {
+    for (const seq of held.keys()) if (seq <= lastSeq) held.delete(seq);
+    while (held.has(lastSeq + 1)) {
+      const msg = held.get(lastSeq + 1);
+      held.delete(msg.seq);
+      renderConfirmed(msg);
+    }
+  }
+
+  // The pong after a resume is a barrier: the server handles frames in order, so the whole
+  // replay has arrived before it.
+  function requestResume() {
+    if (!session || resumeInFlight) return;
+    const frames = [{ type: "resume", after: lastSeq }, { type: "ping" }];
+    if (!sendFrame(frames)) return;
+    resumeInFlight = true;
+    pongQueue.push("barrier");
+    armDeadTimer();
+  }
+
+  function onPong() {
+    if (pongQueue.shift() === "barrier") onResumeDone();
+  }
+
+  function onResumeDone() {
+    resumeInFlight = false;
+    if (resumeFailed) {
+      resumeFailed = false;
+      clearTimeout(timers.resume);
+      timers.resume = setTimeout(requestResume, jitter(config.retryMs));
+      return;
+    }
+    drainHeld();
+    if (held.size === 0) return;
+    // The replay is complete and a seq below a held frame is still missing: that message no
+    // longer exists (deleted), so skip the hole instead of waiting for it forever.
+    lastSeq = Math.min(...held.keys()) - 1;
+    drainHeld();
+  }
+
+  function onAck(ack) {
+    const cid = ack.client_id;
+    if (!cid) return;
+    forget(cid);
+    const li = pendingElement(cid);
+    if (!li) return;
+    if (Number.isInteger(ack.seq) && ack.seq <= lastSeq) {
+      // Stored long ago (a resend after its first ack was lost), older than what is shown.
+      li.remove();
+      return;
+    }
+    setStatus(li, "sent");
+    // Its message frame should follow; if it does not (a broadcast lost between server
+    // processes), ask for a replay rather than leave it "sent" forever.
+    clearTimeout(timers.expect);
+    timers.expect = setTimeout(() => {
+      if (session && lastSeq < ack.seq) requestResume();
+    }, config.pongTimeoutMs);
+  }
+
+  function onError(err) {
+    const cid = err.client_id;
+    if (cid && outbox.has(cid)) {
+      inflight.delete(cid);
+      if (RETRYABLE_ERRORS.has(err.code)) {
+        setStatus(pendingElement(cid), "retrying");
+        scheduleResend();
+      } else {
+        // bad_frame, too_long: the same frame would be refused again.
+        forget(cid);
+        markFailed(cid, err.message || err.code);
+      }
+      return;
+    }
+    if (resumeInFlight && err.code === "unavailable") {
+      resumeFailed = true;
+      return;
+    }
+    showNotice(`Server: ${err.message || err.code}`, "info");
+  }
+
+  // ------------------------------------------------------------------ outbox
+
+  function onSubmit(ev) {
+    ev.preventDefault();
+    const text = els.input.value;
+    if (!text.trim()) return;
+    // The server counts code points, not UTF-16 units.
+    if ([...text].length > config.maxLength) {
+      showNotice(`Messages are limited to ${config.maxLength} characters.`, "info");
+      return;
+    }
+    const item = { client_id: newClientId(), text, created_at: new Date().toISOString() };
+    outbox.set(item.client_id, item);
+    store.add(item);
+    renderPending(item, "queued");
+    scrollToBottom();
+    sendItem(item);
+    els.input.value = "";
+    els.input.focus();
+  }
+
+  function sendItem(item) {
+    if (!session) return; // flushed after the next hello
+    if (sendFrame({ type: "message", text: item.text, client_id: item.client_id })) {
+      inflight.add(item.client_id);
+      setStatus(pendingElement(item.client_id), "sending");
+    }
+  }
+
+  // After hello (and on the retry timer): send everything not yet acked, in typing order.
+  function flushOutbox() {
+    for (const item of outbox.values()) {
+      if (!inflight.has(item.client_id)) sendItem(item);
+    }
+  }
+
+  function scheduleResend() {
+    if (timers.resend) return;
+    timers.resend = setTimeout(() => {
+      timers.resend = null;
+      flushOutbox();
+    }, jitter(config.retryMs));
+  }
+
+  function forget(cid) {
+    outbox.delete(cid);
+    inflight.delete(cid);
+    store.remove(cid);
+  }
+
+  // Read-modify-write per change, so two tabs of the same user don't overwrite each other.
+  function outboxStore(key) {
+    const valid = (i) => i && typeof i.client_id === "string" && typeof i.text === "string";
+    function read() {
+      try {
+        const items = JSON.parse(localStorage.getItem(key) || "[]");
+        return Array.isArray(items) ? items.filter(valid) : [];
+      } catch (err) {
+        return []; // storage disabled or corrupt: the outbox still works in memory
+      }
+    }
+    function write(items) {
+      try {
+        if (items.length) localStorage.setItem(key, JSON.stringify(items));
+        else localStorage.removeItem(key);
+      } catch (err) {
+        // Quota or privacy mode: keep going in memory.
+      }
+    }
+    return {
+      load: read,
+      add(item) {
+        write(read().filter((i) => i.client_id !== item.client_id).concat([item]));
+      },
+      remove(cid) {
+        const items = read();
+        const rest = items.filter((i) => i.client_id !== cid);
+        if (rest.length !== items.length) write(rest);
+      },
+    };
+  }
+
+  function newClientId() {
+    if (window.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+    // randomUUID needs a secure context (https or localhost); getRandomValues does not.
+    const bytes = new Uint8Array(16);
+    if (window.crypto && crypto.getRandomValues) crypto.getRandomValues(bytes);
+    else for (let i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  }
+
+  // ------------------------------------------------------------------ rendering
+
+  // User data only ever goes through textContent.
+  function messageElement(author, text, createdAt) {
+    const li = document.createElement("li");
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const who = document.createElement("span");
+    who.className = "author";
+    who.textContent = author || "?";
+    meta.append(who);
+    const when = new Date(createdAt);
+    if (!Number.isNaN(when.getTime())) {
+      const time = document.createElement("time");
+      time.dateTime = when.toISOString();
+      time.title = when.toLocaleString();
+      time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      meta.append(time);
+    }
+    const body = document.createElement("div");
+    body.className = "text";
+    body.textContent = text;
+    li.append(meta, body);
+    return li;
+  }
+
+  function renderPending(item, status) {
+    const li = messageElement(config.username, item.text, item.created_at);
+    li.dataset.clientId = item.client_id;
+    li.classList.add("pending", "mine");
+    const label = document.createElement("span");
+    label.className = "status";
+    li.querySelector(".meta").append(label);
+    setStatus(li, status);
+    els.list.append(li);
+  }
+
+  function pendingElement(cid) {
+    for (const li of els.list.querySelectorAll("li[data-client-id]")) {
+      if (li.dataset.clientId === cid) return li;
+    }
+    return null;
+  }
+
+  function setStatus(li, status) {
+    if (!li) return;
+    li.dataset.status = status;
+    li.querySelector(".status").textContent = STATUS_LABELS[status];
+  }
+
+  function markFailed(cid, reason) {
+    const li = pendingElement(cid);
+    if (!li) return;
+    li.classList.remove("pending");
+    li.classList.add("failed");
+    setStatus(li, "failed");
+    li.querySelector(".status").textContent = `not sent: ${reason}`;
+    const dismiss = document.createElement("button");
+    dismiss.type = "button";
+    dismiss.className = "link dismiss";
+    dismiss.textContent = "dismiss";
+    dismiss.addEventListener("click", () => li.remove());
+    li.querySelector(".meta").append(dismiss);
+  }
+
+  function isScrolledToBottom() {
+    const l = els.list;
+    return l.scrollHeight - l.scrollTop - l.clientHeight < 40;
+  }
+
+  function scrollToBottom() {
+    els.list.scrollTop = els.list.scrollHeight;
+  }
+
+  // kind: "fatal" (stays), "connection" (hidden on the next hello), "info" (fades).
+  function showNotice(text, kind) {
+    if (els.notice.dataset.kind === "fatal" && kind !== "fatal") return;
+    els.notice.textContent = text;
+    els.notice.dataset.kind = kind;
+    els.notice.hidden = false;
+    clearTimeout(timers.notice);
+    if (kind === "info") timers.notice = setTimeout(() => hideNotice("info"), 8000);
+  }
+
+  function hideNotice(kind) {
+    if (els.notice.dataset.kind !== kind) return;
+    els.notice.hidden = true;
+    els.notice.textContent = "";
+    delete els.notice.dataset.kind;
+  }
+
+  // ------------------------------------------------------------------ helpers
+
+  function sendFrame(frame) {
+    if (!ws || ws.readyState !== OPEN) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch (err) {
+      return false;
+    }
+  }
+
+  function jitter(ms) {
+    return ms * (0.5 + Math.random());
+  }
+})();
