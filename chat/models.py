@@ -66,3 +66,22 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.room}#{self.seq}"
+
+
+class ReadMarker(models.Model):
+    """The highest seq a user has read in a room. Only ever moves forward."""
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="read_markers")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_read_markers"
+    )
+    last_read_seq = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["room", "user"], name="chat_readmarker_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} read {self.room} to #{self.last_read_seq}"
