@@ -391,8 +391,12 @@ def fake_room(
 ) -> Callable[..., tuple[Page, FakeChatServer]]:
     """Factory: a fake server with ``seed`` messages, and alice's lobby page connected to it."""
 
-    def open_fake(seed: int = 3) -> tuple[Page, FakeChatServer]:
+    def open_fake(
+        seed: int = 3, config: dict[str, int] | None = None
+    ) -> tuple[Page, FakeChatServer]:
         context = new_context(browser, page_errors)
+        if config:
+            context.add_init_script(f"Object.assign(window.CHAT_CONFIG, {json.dumps(config)});")
         fake = FakeChatServer(context, {"id": user_id(sqlite_env, "alice"), "username": "alice"})
         for seq in range(1, seed + 1):
             fake.add(seq, f"message {seq}")
@@ -540,3 +544,19 @@ def test_the_outbox_is_not_sent_as_another_user(
     expect(page.locator(f"{UNCONFIRMED}.pending .text")).to_have_text(["alice's draft"])
     assert fake.frames_of_type("message") == []
     assert outbox_length(page) == 1
+
+
+def test_online_and_visible_events_reconnect_at_once(
+    fake_room: Callable[..., tuple[Page, FakeChatServer]],
+) -> None:
+    # Backoff long enough that only the events can explain a prompt reconnect.
+    page, fake = fake_room(seed=1, config={"backoffBaseMs": 600_000, "backoffCapMs": 600_000})
+    for event in ("new Event('online')", "new Event('visibilitychange')"):
+        sockets = len(fake.sockets)
+        fake.sockets[-1].close(code=1012, reason="restart")
+        expect_state(page, "reconnecting")
+        target = "document" if "visibility" in event else "window"
+        page.evaluate(f"{target}.dispatchEvent({event})")
+        expect_state(page, "connected")
+        assert len(fake.sockets) == sockets + 1
+        assert fake.sockets[-1].url.endswith("?after=1")

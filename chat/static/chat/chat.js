@@ -118,12 +118,10 @@
       wsPath: el.dataset.wsPath || `/ws/chat/${encodeURIComponent(el.dataset.room)}/`,
     };
     const overrides = window.CHAT_CONFIG || {};
+    // Only positive numbers count: a blank attribute must not turn a timer into a busy loop.
+    const positive = (value) => (Number(value) > 0 ? Number(value) : undefined);
     for (const name of Object.keys(DEFAULTS)) {
-      cfg[name] = DEFAULTS[name];
-      const fromData = Number(el.dataset[name]);
-      if (el.dataset[name] !== undefined && fromData >= 0) cfg[name] = fromData;
-      const fromWindow = Number(overrides[name]);
-      if (overrides[name] !== undefined && fromWindow >= 0) cfg[name] = fromWindow;
+      cfg[name] = positive(overrides[name]) || positive(el.dataset[name]) || DEFAULTS[name];
     }
     return Object.freeze(cfg);
   }
