@@ -179,3 +179,15 @@ CHAT_RATE_LIMIT_MESSAGES = int(os.environ.get("CHAT_RATE_LIMIT_MESSAGES", "10"))
 CHAT_RATE_LIMIT_WINDOW_SECONDS = float(os.environ.get("CHAT_RATE_LIMIT_WINDOW_SECONDS", "5"))
 CHAT_REPLAY_BATCH_SIZE = int(os.environ.get("CHAT_REPLAY_BATCH_SIZE", "200"))
 CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", str(64 * 1024)))
+
+# notifications (docs/settings.md): the end-to-end tests lower these through the environment;
+# notifications.conf converts the strings, unset variables leave the app defaults.
+for _name in (
+    "NOTIFICATIONS_KEEPALIVE_SECONDS",
+    "NOTIFICATIONS_POLL_SECONDS",
+    "NOTIFICATIONS_MAX_STREAMS_PER_USER",
+    "NOTIFICATIONS_REPLAY_BATCH_SIZE",
+    "NOTIFICATIONS_RETRY_MILLISECONDS",
+):
+    if os.environ.get(_name):
+        globals()[_name] = os.environ[_name]

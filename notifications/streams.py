@@ -1,0 +1,164 @@
+"""One SSE stream: replay after Last-Event-ID, then live events, without gaps or duplicates.
+
+Ordering guarantee: the stream subscribes to the hub *before* reading the database, so every
+notification committed after that read reaches it as a live ``Range``. ``synced`` is an id such
+that every notification of the user up to it has been sent (or was already there when a client
+without Last-Event-ID connected: those are in the unread count). A range at or below ``synced``
+is a duplicate and dropped; a range that starts above it is a gap, filled from the database
+first. Clients thus get each notification once, in id order.
+
+Concurrent streams are counted per user in this process (``active_streams``); the view refuses
+streams beyond ``NOTIFICATIONS_MAX_STREAMS_PER_USER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from django.db import DatabaseError
+
+from . import protocol, services, sse
+from .conf import app_settings
+from .hub import Range, Subscription, UnreadChanged, get_hub
+
+logger = logging.getLogger(__name__)
+
+_slots_lock = threading.Lock()
+_slots: dict[int, int] = {}
+
+
+class TooManyStreams(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"At most {limit} notification streams per user.")
+        self.limit = limit
+
+
+class Slot:
+    """A reserved place among the user's concurrent streams; release() is idempotent."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+        self._released = False
+
+    def release(self) -> None:
+        with _slots_lock:
+            if self._released:
+                return
+            self._released = True
+            left = _slots.get(self.user_id, 0) - 1
+            if left > 0:
+                _slots[self.user_id] = left
+            else:
+                _slots.pop(self.user_id, None)
+
+
+def reserve(user_id: int, limit: int) -> Slot:
+    """Take one of the user's stream slots in this process or raise TooManyStreams."""
+    with _slots_lock:
+        used = _slots.get(user_id, 0)
+        if used >= limit:
+            raise TooManyStreams(limit)
+        _slots[user_id] = used + 1
+    return Slot(user_id)
+
+
+def active_streams(user_id: int | None = None) -> int:
+    """Streams open in this process (of one user, or of everyone)."""
+    with _slots_lock:
+        if user_id is not None:
+            return _slots.get(user_id, 0)
+        return sum(_slots.values())
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+class NotificationStream:
+    def __init__(self, user_id: int, last_event_id: int | None, slot: Slot) -> None:
+        self.user_id = user_id
+        self.last_event_id = last_event_id
+        self.slot = slot
+        self.synced = 0
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The response body. Ends when the client leaves; cleans up in ``finally``."""
+        hub = get_hub()
+        sub: Subscription | None = None
+        try:
+            # Headers and the first bytes go out at once (daphne sends headers with the body).
+            yield _bytes(sse.encode_retry(app_settings.RETRY_MILLISECONDS))
+            sub = await hub.subscribe(self.user_id)
+            async for chunk in self._start():
+                yield chunk
+            async for chunk in self._live(sub):
+                yield chunk
+        except DatabaseError:
+            # End the response cleanly: the client reconnects with Last-Event-ID after retry.
+            logger.warning("Notification stream of user %s ended", self.user_id, exc_info=True)
+        finally:
+            if sub is not None:
+                await hub.unsubscribe(sub)
+            self.slot.release()
+
+    async def _start(self) -> AsyncIterator[bytes]:
+        # The horizon first: a row committed after it is either in the unread state below or
+        # (if later still) arrives live; it is never in neither.
+        horizon = await services.alatest_id()
+        state = await services.aunread_state(self.user_id)
+        yield _bytes(protocol.unread_event(state.count, state.last_id))
+        if self.last_event_id is None:
+            self.synced = horizon
+            return
+        self.synced = min(self.last_event_id, horizon)
+        async for chunk in self._fetch(horizon):
+            yield chunk
+
+    async def _fetch(self, upto: int) -> AsyncIterator[bytes]:
+        """Send the user's notifications in (synced, upto] from the database, in batches."""
+        batch = max(app_settings.REPLAY_BATCH_SIZE, 1)
+        while self.synced < upto:
+            events = await services.aevents_between(self.user_id, self.synced, upto, batch)
+            if events:
+                yield _bytes("".join(protocol.notification_event(i, d) for i, d in events))
+            if len(events) < batch:
+                break
+            self.synced = events[-1][0]
+        self.synced = max(self.synced, upto)
+
+    async def _live(self, sub: Subscription) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        keepalive = app_settings.KEEPALIVE_SECONDS
+        last_write = loop.time()
+        while True:
+            try:
+                # Measured from the last write: ranges that send nothing do not count.
+                async with asyncio.timeout(max(last_write + keepalive - loop.time(), 0)):
+                    item = await sub.get()
+            except TimeoutError:
+                yield _bytes(protocol.keepalive())
+                last_write = loop.time()
+                continue
+            async for chunk in self._handle(item):
+                yield chunk
+                last_write = loop.time()
+
+    async def _handle(self, item: Range | UnreadChanged) -> AsyncIterator[bytes]:
+        if isinstance(item, UnreadChanged):
+            state = await services.aunread_state(self.user_id)
+            yield _bytes(protocol.unread_event(state.count, state.last_id))
+            return
+        if item.upto <= self.synced:
+            return
+        if item.events is None or item.after > self.synced:
+            # A gap (or a range the hub could not list): the database has the whole range.
+            async for chunk in self._fetch(item.upto):
+                yield chunk
+            return
+        fresh = [(i, d) for i, d in item.events if i > self.synced]
+        self.synced = item.upto
+        if fresh:
+            yield _bytes("".join(protocol.notification_event(i, d) for i, d in fresh))
