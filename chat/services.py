@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.apps import apps
 from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -111,6 +112,11 @@ def post_message(room_id: int, user: User, text: str, client_id: str = "") -> Po
             lambda: broadcast(room.pk, {"type": "chat.message", "seq": seq, "text": frame_text}),
             robust=True,
         )
+        if "@" in text and apps.is_installed("notifications"):
+            # Soft coupling: chat works without the notifications app installed.
+            from notifications.mentions import notify_mentions
+
+            transaction.on_commit(lambda: notify_mentions(message), robust=True)
     return PostResult(message, created=True)
 
 

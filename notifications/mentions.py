@@ -56,7 +56,9 @@ def notify_mentions(message: Message) -> int:
     users = User.objects.filter(**{f"{User.USERNAME_FIELD}__in": names}).exclude(pk=message.user_id)
     if any(f.name == "is_active" for f in User._meta.get_fields()):
         users = users.filter(is_active=True)
-    room = message.room
+    from chat.models import Room
+
+    room = Room.objects.only("slug", "title", "is_private").get(pk=message.room_id)
     if room.is_private:
         users = users.filter(chat_memberships__room=room)
     recipients = list(users.order_by("pk")[:limit])
