@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+from asgiref.sync import async_to_sync
 from django.contrib import admin
+from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.utils import timezone
 
-from .models import Membership, Message, Room
+from .conf import app_settings
+from .export import FORMATS, RoomSnapshot, export_response
+from .models import Membership, Message, ReadMarker, Room
+from .presence import State
+from .presence_hub import get_hub
 
 
 class MembershipInline(admin.TabularInline):
@@ -18,8 +26,53 @@ class RoomAdmin(admin.ModelAdmin):
     list_filter = ["is_private", "created_at"]
     search_fields = ["slug", "title"]
     prepopulated_fields = {"slug": ["title"]}
-    readonly_fields = ["last_seq", "created_at"]
+    readonly_fields = ["last_seq", "created_at", "online_now"]
     inlines = [MembershipInline]
+    actions = ["export_messages_csv", "export_messages_ndjson"]
+
+    @admin.action(description="Export messages of selected rooms (CSV)", permissions=["export"])
+    def export_messages_csv(
+        self, request: HttpRequest, queryset: QuerySet[Room]
+    ) -> HttpResponseBase:
+        return self._export(request, queryset, "csv")
+
+    @admin.action(description="Export messages of selected rooms (NDJSON)", permissions=["export"])
+    def export_messages_ndjson(
+        self, request: HttpRequest, queryset: QuerySet[Room]
+    ) -> HttpResponseBase:
+        return self._export(request, queryset, "ndjson")
+
+    def has_export_permission(self, request: HttpRequest) -> bool:
+        # An export holds every message text: viewing rooms is not enough.
+        return request.user.has_perm("chat.view_message")
+
+    def _export(self, request: HttpRequest, queryset: QuerySet[Room], fmt: str) -> HttpResponseBase:
+        """Stream the rooms' messages the way the export view does, rooms in slug order."""
+        rows = queryset.order_by("slug").values_list("id", "slug", "last_seq")
+        rooms = [RoomSnapshot(pk, slug, upto) for pk, slug, upto in rows]
+        slugs = ",".join(room.slug for room in rooms[:10]) + (",..." if len(rooms) > 10 else "")
+        return export_response(
+            rooms,
+            FORMATS[fmt],
+            filename=f"chat-messages-{timezone.now():%Y%m%d-%H%M%S}",
+            page_size=app_settings.EXPORT_PAGE_SIZE,
+            audit=f"admin user={request.user.pk} rooms={len(rooms)}:{slugs}",
+        )
+
+    @admin.display(description="online now")
+    def online_now(self, obj: Room) -> str:
+        if obj.pk is None:
+            return "-"
+        try:
+            state = async_to_sync(_presence_snapshot)(obj.pk)
+        except Exception:
+            return "presence store unavailable"
+        if not state:
+            return "nobody"
+        return ", ".join(
+            f"{u.username} ({u.connections} connection{'s' if u.connections != 1 else ''})"
+            for u in sorted(state.values(), key=lambda u: u.username)
+        )
 
 
 @admin.register(Membership)
@@ -49,3 +102,16 @@ class MessageAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Messages get their seq from services.post_message; admin adds would bypass it.
         return False
+
+
+async def _presence_snapshot(room_id: int) -> State:
+    return await get_hub().snapshot(room_id)
+
+
+@admin.register(ReadMarker)
+class ReadMarkerAdmin(admin.ModelAdmin):
+    list_display = ["room", "user", "last_read_seq", "updated_at"]
+    list_filter = ["room"]
+    search_fields = ["room__slug", "user__username"]
+    raw_id_fields = ["user"]
+    list_select_related = ["room", "user"]

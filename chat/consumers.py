@@ -9,7 +9,10 @@ therefore sees every seq exactly once, in order, even when processes publish out
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,6 +22,8 @@ from django.db import DatabaseError
 from . import protocol, services
 from .conf import app_settings
 from .models import Room
+from .presence import RateGate
+from .presence_hub import PresenceHub, get_hub
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
     room: Room
     group: str | None = None
     last_sent = 0
+    hub: PresenceHub | None = None
+    conn_id = ""
+    typing_active = False
+    pending_read: int | None = None
+    read_timer: asyncio.TimerHandle | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         # Accept before refusing: a close code only reaches a client after the handshake.
@@ -64,6 +78,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # A client ahead of the server (database reset) starts again from last_seq.
             self.last_sent = min(after, last_seq)
             await self._replay(last_seq)
+        await self._join_presence()
+
+    async def _join_presence(self) -> None:
+        self.hub = get_hub()
+        self.conn_id = uuid.uuid4().hex
+        self.read_gate = RateGate(app_settings.READ_THROTTLE_SECONDS)
+        state = await self.hub.join(
+            self.room.pk, self.conn_id, self.user.pk, self.user.get_username(), self._send_text
+        )
+        await self._send_frames([protocol.presence_state_frame(list(state.values()))])
+        reads = await services.aread_state(self.room.pk, app_settings.READ_STATE_LIMIT)
+        await self._send_frames([protocol.read_state_frame(reads)])
+
+    async def _send_text(self, text: str) -> None:
+        await self.send(text_data=text)
 
     def _query_after(self) -> tuple[int | None, str | None]:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -90,8 +119,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.last_sent = max(self.last_sent, upto)
 
     async def disconnect(self, code: int) -> None:
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.group is None:
+            return
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+        if self.pending_read is not None:
+            await self._flush_read()
+        if self.typing_active:
+            await self._relay_typing(False)
+        if self.hub is not None:
+            await self.hub.leave(self.room.pk, self.conn_id)
 
     # --- client frames -----------------------------------------------------------------
 
@@ -121,6 +159,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._send_frames([protocol.pong_frame()])
         elif isinstance(frame, protocol.Resume):
             await self._handle_resume(frame)
+        elif isinstance(frame, protocol.Typing):
+            await self._handle_typing(frame)
+        elif isinstance(frame, protocol.Read):
+            await self._handle_read(frame)
 
     async def _handle_message(self, frame: protocol.SendMessage) -> None:
         cid = frame.client_id or None
@@ -154,6 +196,50 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.last_sent = min(frame.after, target)
         await self._replay(target)
 
+    async def _handle_typing(self, frame: protocol.Typing) -> None:
+        if self.hub is None:
+            return
+        key = (self.room.pk, self.user.pk)
+        if frame.active:
+            self.typing_active = True
+            # Clients refresh while typing; one relay per interval keeps indicators alive.
+            if self.hub.typing_gate.allow(key, time.monotonic()):
+                await self._relay_typing(True)
+        elif self.typing_active:
+            self.hub.typing_gate.forget(key)
+            await self._relay_typing(False)
+
+    async def _relay_typing(self, active: bool) -> None:
+        self.typing_active = active
+        await services.relay_typing(self.room.pk, self.user, active)
+
+    async def _handle_read(self, frame: protocol.Read) -> None:
+        self.pending_read = max(self.pending_read or 0, frame.seq)
+        wait = self.read_gate.wait_seconds("read", time.monotonic())
+        if wait <= 0:
+            await self._flush_read()
+        elif self.read_timer is None:
+            # Trailing edge: the latest marker is stored once the interval has passed.
+            loop = asyncio.get_running_loop()
+            self.read_timer = loop.call_later(wait, self._schedule_flush_read)
+
+    def _schedule_flush_read(self) -> None:
+        self.read_timer = None
+        task = asyncio.ensure_future(self._flush_read())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_read(self) -> None:
+        seq, self.pending_read = self.pending_read, None
+        if seq is None:
+            return
+        self.read_gate.allow("read", time.monotonic())
+        try:
+            await services.amark_read(self.room.pk, self.user, seq)
+        except DatabaseError:
+            logger.exception("Storing a read marker in room %s failed", self.room.slug)
+            await self._error(protocol.UNAVAILABLE, "The read marker could not be stored.")
+
     # --- room events -------------------------------------------------------------------
 
     async def chat_message(self, event: dict[str, Any]) -> None:
@@ -171,6 +257,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 return
         await self.send(text_data=event["text"])
         self.last_sent = seq
+
+    async def chat_typing(self, event: dict[str, Any]) -> None:
+        # Never echo typing to the typist, in any of their tabs.
+        if event["user_id"] != self.user.pk:
+            await self.send(text_data=event["text"])
+
+    async def chat_read(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=event["text"])
 
     # --- sending -------------------------------------------------------------------------
 

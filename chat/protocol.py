@@ -7,6 +7,7 @@ same frames for client authors; tests/test_protocol.py pins their shapes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -57,7 +58,17 @@ class FrameError:
     client_id: str | None = None
 
 
-ClientFrame = SendMessage | Ping | Resume
+@dataclass(frozen=True)
+class Typing:
+    active: bool
+
+
+@dataclass(frozen=True)
+class Read:
+    seq: int
+
+
+ClientFrame = SendMessage | Ping | Resume | Typing | Read
 
 
 class ProtocolError(Exception):
@@ -100,6 +111,20 @@ def _parse_resume(obj: dict[str, Any]) -> Resume | FrameError:
     return Resume(after=after)
 
 
+def _parse_typing(obj: dict[str, Any]) -> Typing | FrameError:
+    active = obj.get("active")
+    if not isinstance(active, bool):
+        return FrameError(BAD_FRAME, "active must be true or false.")
+    return Typing(active=active)
+
+
+def _parse_read(obj: dict[str, Any]) -> Read | FrameError:
+    seq = obj.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        return FrameError(BAD_FRAME, "seq must be a non-negative integer.")
+    return Read(seq=seq)
+
+
 def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
     """Validate one decoded client frame against the allowlist of frame types."""
     if not isinstance(obj, dict):
@@ -111,6 +136,10 @@ def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
         return Ping()
     if frame_type == "resume":
         return _parse_resume(obj)
+    if frame_type == "typing":
+        return _parse_typing(obj)
+    if frame_type == "read":
+        return _parse_read(obj)
     if not isinstance(frame_type, str):
         return FrameError(BAD_FRAME, "A frame needs a string 'type'.")
     return FrameError(BAD_FRAME, f"Unknown frame type {frame_type[:40]!r}.")
@@ -139,17 +168,22 @@ def parse_client_text(text: str, limits: Limits) -> list[ClientFrame | FrameErro
 
 
 class UserLike(Protocol):
-    pk: Any
-
+    @property
+    def pk(self) -> Any: ...
     def get_username(self) -> str: ...
 
 
 class MessageLike(Protocol):
-    id: Any
-    seq: int
-    text: str
-    client_id: str
-    created_at: datetime
+    @property
+    def id(self) -> Any: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
 
 
 def user_frame(user: UserLike) -> dict[str, Any]:
@@ -187,6 +221,51 @@ def error_frame(code: str, message: str, client_id: str | None = None) -> dict[s
     if client_id:
         frame["client_id"] = client_id
     return frame
+
+
+class PresenceLike(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def connections(self) -> int: ...
+
+
+def presence_state_frame(users: Sequence[PresenceLike]) -> dict[str, Any]:
+    ordered = sorted(users, key=lambda u: (u.username, u.id))
+    return {
+        "type": "presence_state",
+        "users": [
+            {"id": u.id, "username": u.username, "connections": u.connections} for u in ordered
+        ],
+    }
+
+
+def presence_diff_frame(
+    joins: Sequence[PresenceLike], leaves: Sequence[PresenceLike]
+) -> dict[str, Any]:
+    return {
+        "type": "presence_diff",
+        "joins": [{"id": u.id, "username": u.username} for u in joins],
+        "leaves": [{"id": u.id, "username": u.username} for u in leaves],
+    }
+
+
+def typing_frame(user: UserLike, active: bool) -> dict[str, Any]:
+    return {"type": "typing", "user": user_frame(user), "active": active}
+
+
+def read_frame(user_id: int, username: str, seq: int) -> dict[str, Any]:
+    return {"type": "read", "user": {"id": user_id, "username": username}, "seq": seq}
+
+
+def read_state_frame(reads: list[tuple[int, str, int]]) -> dict[str, Any]:
+    """Last read seq of the room's readers: (user id, username, seq) tuples."""
+    return {
+        "type": "read_state",
+        "reads": [{"user": {"id": uid, "username": name}, "seq": seq} for uid, name, seq in reads],
+    }
 
 
 def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:

@@ -17,12 +17,13 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.apps import apps
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from . import protocol
 from .conf import app_settings
-from .models import Membership, Message, Room
+from .models import Membership, Message, ReadMarker, Room
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,17 @@ def broadcast(room_id: int, event: dict[str, Any]) -> None:
     async_to_sync(layer.group_send)(room_group(room_id), event)
 
 
+async def relay_typing(room_id: int, user: User, active: bool) -> None:
+    """Tell the room's other users that ``user`` started or stopped typing (never stored)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    text = protocol.encode(protocol.typing_frame(user, active))
+    await layer.group_send(
+        room_group(room_id), {"type": "chat.typing", "user_id": user.pk, "text": text}
+    )
+
+
 def message_frames(room: Room, after: int, upto: int, limit: int) -> list[dict[str, Any]]:
     """Frames of messages with ``after < seq <= upto``, oldest first, at most ``limit``."""
     rows = (
@@ -148,8 +160,60 @@ def latest_frames(room: Room, upto: int, limit: int) -> list[dict[str, Any]]:
     return [protocol.message_frame(m, room.slug, m.user) for m in reversed(rows)]
 
 
+def mark_read(room_id: int, user: User, seq: int) -> int | None:
+    """Move the user's read marker forward to ``seq`` (capped at the room's last seq).
+
+    Returns the new marker, or None when it did not move (markers never go back). The new
+    marker is relayed to the room after commit.
+    """
+    with transaction.atomic():
+        upto = min(seq, last_seq(room_id))
+        moved = ReadMarker.objects.filter(
+            room_id=room_id, user=user, last_read_seq__lt=upto
+        ).update(last_read_seq=upto)
+        if not moved:
+            _, created = ReadMarker.objects.get_or_create(
+                room_id=room_id, user=user, defaults={"last_read_seq": upto}
+            )
+            if not created or upto == 0:
+                return None
+        frame_text = protocol.encode(protocol.read_frame(user.pk, user.get_username(), upto))
+        transaction.on_commit(
+            lambda: broadcast(room_id, {"type": "chat.read", "text": frame_text}), robust=True
+        )
+    return upto
+
+
+def read_state(room_id: int, limit: int) -> list[tuple[int, str, int]]:
+    """The room's most recently updated read markers as (user id, username, seq)."""
+    rows = (
+        ReadMarker.objects.filter(room_id=room_id, last_read_seq__gt=0)
+        .select_related("user")
+        .order_by("-updated_at")[:limit]
+    )
+    return [(r.user.pk, r.user.get_username(), r.last_read_seq) for r in rows]
+
+
+def rooms_with_unread(user: AnyUser) -> QuerySet[Room]:
+    """Visible rooms annotated with ``unread``: messages after the user's read marker.
+
+    seq has no gaps, so the count is a subtraction, not a COUNT over messages.
+    """
+    if not user.is_authenticated:
+        return Room.objects.none()
+    marker = ReadMarker.objects.filter(room=OuterRef("pk"), user=user).values("last_read_seq")[:1]
+    return visible_rooms(user).annotate(
+        unread=F("last_seq")
+        - Coalesce(
+            Subquery(marker, output_field=IntegerField()), Value(0), output_field=IntegerField()
+        )
+    )
+
+
 aget_room_for = database_sync_to_async(get_room_for)
 alast_seq = database_sync_to_async(last_seq)
 apost_message = database_sync_to_async(post_message)
 amessage_frames = database_sync_to_async(message_frames)
 alatest_frames = database_sync_to_async(latest_frames)
+amark_read = database_sync_to_async(mark_read)
+aread_state = database_sync_to_async(read_state)
