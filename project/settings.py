@@ -130,6 +130,9 @@ if REDIS_URL:
             "CONFIG": {"hosts": [REDIS_URL]},
         }
     }
+    # Presence must be shared by every process: entries in one Redis sorted set per room.
+    CHAT_PRESENCE_STORE = "chat.presence_stores.redis.RedisPresenceStore"
+    CHAT_PRESENCE_REDIS_URL = REDIS_URL
 else:
     CHANNEL_LAYERS = {
         "default": {
@@ -180,6 +183,32 @@ CHAT_RATE_LIMIT_WINDOW_SECONDS = float(os.environ.get("CHAT_RATE_LIMIT_WINDOW_SE
 CHAT_REPLAY_BATCH_SIZE = int(os.environ.get("CHAT_REPLAY_BATCH_SIZE", "200"))
 CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", str(64 * 1024)))
 
+# The assistant (docs/settings.md): a real model when OPENAI_API_KEY is set (any
+# OpenAI-compatible server with OPENAI_BASE_URL: vLLM, Ollama, llama.cpp), else the offline
+# demo backend. The key only lives in this setting: it never reaches a page or a log line.
+CHAT_LLM_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+CHAT_LLM_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+CHAT_LLM_MODEL = os.environ.get("OPENAI_MODEL", "") or "gpt-4o-mini"
+CHAT_ASSISTANT_BACKEND = os.environ.get("CHAT_ASSISTANT_BACKEND", "") or (
+    "chat.llm.openai_backend.OpenAIBackend" if CHAT_LLM_API_KEY else "chat.llm.demo.DemoBackend"
+)
+# Test knobs: the end-to-end tests shorten timeouts and limits through the environment.
+# chat.conf converts the strings; unset variables leave the app defaults.
+for _name in (
+    "CHAT_LLM_FIRST_TOKEN_TIMEOUT_SECONDS",
+    "CHAT_LLM_IDLE_TIMEOUT_SECONDS",
+    "CHAT_LLM_MAX_RETRIES",
+    "CHAT_ASSISTANT_DEMO_DELAY_SECONDS",
+    "CHAT_ASSISTANT_COALESCE_SECONDS",
+    "CHAT_ASSISTANT_COALESCE_CHARS",
+    "CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER",
+    "CHAT_ASSISTANT_RATE_LIMIT_REPLIES",
+    "CHAT_ASSISTANT_RATE_LIMIT_WINDOW_SECONDS",
+    "CHAT_ASSISTANT_MAX_REPLY_CHARS",
+):
+    if os.environ.get(_name):
+        globals()[_name] = os.environ[_name]
+
 # notifications (docs/settings.md): the end-to-end tests lower these through the environment;
 # notifications.conf converts the strings, unset variables leave the app defaults.
 for _name in (
@@ -188,6 +217,16 @@ for _name in (
     "NOTIFICATIONS_MAX_STREAMS_PER_USER",
     "NOTIFICATIONS_REPLAY_BATCH_SIZE",
     "NOTIFICATIONS_RETRY_MILLISECONDS",
+):
+    if os.environ.get(_name):
+        globals()[_name] = os.environ[_name]
+
+# presence (docs/settings.md): the end-to-end tests shorten these through the environment.
+for _name in (
+    "CHAT_PRESENCE_TIMEOUT_SECONDS",
+    "CHAT_PRESENCE_MIN_INTERVAL_SECONDS",
+    "CHAT_TYPING_THROTTLE_SECONDS",
+    "CHAT_READ_THROTTLE_SECONDS",
 ):
     if os.environ.get(_name):
         globals()[_name] = os.environ[_name]
