@@ -12,9 +12,13 @@ django_asgi_app = get_asgi_application()
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from chat.backpressure import DaphneBackpressure  # noqa: E402
+
 # Daphne serves no static files. This demo host serves them itself so `make run` needs
 # nothing else; behind a proxy in production, let the proxy serve STATIC_ROOT instead.
-http_app = ASGIStaticFilesHandler(django_asgi_app)
+# DaphneBackpressure makes streaming responses (exports) wait for slow clients instead of
+# piling up in daphne's write buffer (docs/deployment.md).
+http_app = DaphneBackpressure(ASGIStaticFilesHandler(django_asgi_app))
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

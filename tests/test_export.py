@@ -1,0 +1,237 @@
+"""In-process tests of the export encoders (pure) and of rows-to-frames (one database)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+
+from chat import export, protocol
+from chat.models import Message, Room
+from chat.paging import BadParameter
+
+
+def frame(seq: int = 1, text: str = "hi", username: str = "alice", **extra: Any) -> dict[str, Any]:
+    base = {
+        "type": "message",
+        "seq": seq,
+        "id": 100 + seq,
+        "room": "lobby",
+        "user": {"id": 7, "username": username},
+        "text": text,
+        "client_id": None,
+        "created_at": "2026-11-21T06:00:00.123456+00:00",
+    }
+    return {**base, **extra}
+
+
+def parse_csv(data: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+
+
+# --- CSV ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("=1+2", "'=1+2"),
+        ("+1", "'+1"),
+        ("-1", "'-1"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tTAB", "'\tTAB"),
+        ("\rCR", "'\rCR"),
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("a=b", "a=b"),
+        (" =1", " =1"),
+        ("'quoted", "'quoted"),
+        ("", ""),
+        ("héllo", "héllo"),
+    ],
+)
+def test_neutralise_cell(value: str, expected: str) -> None:
+    assert export.neutralise_cell(value) == expected
+
+
+def test_csv_header_has_bom_and_columns() -> None:
+    header = export.csv_header()
+    assert header.startswith("\ufeff".encode())
+    assert header.endswith(b"\r\n")
+    assert parse_csv(header[3:]) == [list(export.CSV_COLUMNS)]
+
+
+def test_csv_row_fields_follow_the_frame() -> None:
+    data = export.encode_csv([frame(seq=5, text="hi", client_id="c-1")])
+    assert data == b"5,105,lobby,7,alice,hi,c-1,2026-11-21T06:00:00.123456+00:00\r\n"
+
+
+def test_csv_null_client_id_is_an_empty_cell() -> None:
+    (row,) = parse_csv(export.encode_csv([frame()]))
+    assert row[export.CSV_COLUMNS.index("client_id")] == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'she said "hi"',
+        "a,b,c",
+        "line one\nline two",
+        "windows\r\nline",
+        'all "of", them\n\r\n',
+        "emoji 😀 and RTL שלום and CJK 漢字",
+        "\u2028separator\u2029",
+    ],
+)
+def test_csv_round_trips_awkward_text(text: str) -> None:
+    data = export.encode_csv([frame(text=text), frame(seq=2, text="after")])
+    rows = parse_csv(data)
+    assert [r[export.CSV_COLUMNS.index("text")] for r in rows] == [text, "after"]
+    assert len(rows) == 2
+
+
+def test_csv_neutralises_every_text_cell() -> None:
+    evil = frame(text="=cmd|' /C calc'!A0", username="@mallory", client_id="+1", room="-room")
+    (row,) = parse_csv(export.encode_csv([evil]))
+    cells = dict(zip(export.CSV_COLUMNS, row, strict=True))
+    assert cells["text"] == "'=cmd|' /C calc'!A0"
+    assert cells["username"] == "'@mallory"
+    assert cells["client_id"] == "'+1"
+    assert cells["room"] == "'-room"
+    # Numbers are never prefixed: they cannot start with a formula character.
+    assert cells["seq"] == "1"
+
+
+def test_csv_quotes_fields_that_need_it_rfc4180() -> None:
+    data = export.encode_csv([frame(text='a "b", c\nd')])
+    assert b'"a ""b"", c\nd"' in data
+    assert data.endswith(b"\r\n")
+
+
+# --- NDJSON ------------------------------------------------------------------------------
+
+
+def test_ndjson_lines_are_the_websocket_frames() -> None:
+    frames = [frame(seq=1, text="a\nb"), frame(seq=2, text="😀 \u2028", client_id="x")]
+    data = export.encode_ndjson(frames)
+    lines = data.decode("utf-8").split("\n")
+    assert lines[-1] == ""  # every line ends with \n, the last one too
+    assert [json.loads(line) for line in lines[:-1]] == frames
+    assert lines[0] == protocol.encode(frames[0])
+
+
+def test_ndjson_keeps_unicode_unescaped() -> None:
+    assert "😀".encode() in export.encode_ndjson([frame(text="😀")])
+
+
+def test_ndjson_of_nothing_is_empty() -> None:
+    assert export.encode_ndjson([]) == b""
+    assert export.FORMATS["ndjson"].header() == b""
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+
+def test_parse_format() -> None:
+    assert export.parse_format(None).name == "ndjson"
+    assert export.parse_format("csv").name == "csv"
+    for bad in ["", "CSV", "json", "xlsx"]:
+        with pytest.raises(BadParameter):
+            export.parse_format(bad)
+
+
+# --- rows to frames ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_frame_from_values_equals_message_frame_of_the_instance() -> None:
+    user = User.objects.create_user(username="zoë", password="x")
+    room = Room.objects.create(slug="lobby", title="Lobby")
+    created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
+    for seq, client_id in [(1, ""), (2, "cid-2")]:
+        message = Message.objects.create(
+            room=room, seq=seq, user=user, text=f"t{seq} ✓", client_id=client_id
+        )
+        Message.objects.filter(pk=message.pk).update(created_at=created)
+    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=2)
+    rows = list(Message.objects.order_by("seq").values(*export.row_fields()))
+    from_values = [export.frame_from_values(r, room.slug, export.username_key()) for r in rows]
+    instances = Message.objects.select_related("user").order_by("seq")
+    assert from_values == [protocol.message_frame(m, room.slug, m.user) for m in instances]
+    page = export.read_page(snapshot, 0, 10, export.FORMATS["ndjson"])
+    assert page.rows == 2
+    assert page.last_seq == 2
+    assert [json.loads(line) for line in page.data.decode().splitlines()] == from_values
+
+
+@pytest.mark.django_db
+def test_read_page_respects_after_upto_and_limit() -> None:
+    user = User.objects.create_user(username="u", password="x")
+    room = Room.objects.create(slug="r", title="R")
+    other = Room.objects.create(slug="o", title="O")
+    Message.objects.bulk_create(
+        [Message(room=room, seq=s, user=user, text=str(s)) for s in range(1, 11)]
+        + [Message(room=other, seq=s, user=user, text="other") for s in range(1, 11)]
+    )
+    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=8)
+    ndjson = export.FORMATS["ndjson"]
+
+    def seqs(page: export.Page) -> list[int]:
+        return [json.loads(line)["seq"] for line in page.data.decode().splitlines()]
+
+    assert seqs(export.read_page(snapshot, 2, 3, ndjson)) == [3, 4, 5]
+    assert seqs(export.read_page(snapshot, 5, 100, ndjson)) == [6, 7, 8]
+    empty = export.read_page(snapshot, 8, 100, ndjson)
+    assert (empty.rows, empty.data, empty.last_seq) == (0, b"", 8)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_stream_export_pages_rooms_in_order_and_logs_the_outcome(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def setup() -> list[export.RoomSnapshot]:
+        user = User.objects.create_user(username="u", password="x")
+        rooms = [Room.objects.create(slug=s, title=s) for s in ("a", "b")]
+        for room in rooms:
+            Message.objects.bulk_create(
+                Message(room=room, seq=s, user=user, text=f"{room.slug}{s}") for s in range(1, 8)
+            )
+        return [export.RoomSnapshot(r.pk, r.slug, upto=7) for r in rooms]
+
+    from asgiref.sync import sync_to_async
+
+    rooms = await sync_to_async(setup)()
+    caplog.set_level("INFO", logger="chat.export")
+    stream = export.stream_export(
+        rooms, export.FORMATS["csv"], after=2, page_size=2, audit="test-audit"
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0] == export.csv_header()
+    # 5 messages per room in pages of 2: 3 pages per room.
+    assert len(chunks) == 1 + 3 + 3
+    rows = parse_csv(b"".join(chunks)[3:])[1:]
+    assert [r[5] for r in rows] == [f"{slug}{s}" for slug in "ab" for s in range(3, 8)]
+    assert "Export complete: test-audit rows=10" in caplog.text
+
+    caplog.clear()
+    stream = export.stream_export(rooms, export.FORMATS["ndjson"], page_size=2, audit="early")
+    assert await anext(stream) == b""
+    assert (await anext(stream)).count(b"\n") == 2
+    await stream.aclose()
+    assert "Export aborted: early rows=2" in caplog.text
+
+
+def test_pages_shrink_when_rows_are_long() -> None:
+    def page(rows: int, size: int) -> export.Page:
+        return export.Page(b"x" * size, rows, rows)
+
+    # Short rows: the configured page size.
+    assert export.next_page_size(page(100, 100 * 200), 2000) == 2000
+    # 4 KB rows: about TARGET_CHUNK_BYTES per page.
+    assert export.next_page_size(page(100, 100 * 4096), 2000) == export.TARGET_CHUNK_BYTES // 4096
+    # Huge rows: never below one row.
+    assert export.next_page_size(page(1, 10 * export.TARGET_CHUNK_BYTES), 2000) == 1
