@@ -58,36 +58,6 @@ class RoomAdmin(admin.ModelAdmin):
             page_size=app_settings.EXPORT_PAGE_SIZE,
             audit=f"admin user={request.user.pk} rooms={len(rooms)}:{slugs}",
         )
-    actions = ["export_messages_csv", "export_messages_ndjson"]
-
-    @admin.action(description="Export messages of selected rooms (CSV)", permissions=["export"])
-    def export_messages_csv(
-        self, request: HttpRequest, queryset: QuerySet[Room]
-    ) -> HttpResponseBase:
-        return self._export(request, queryset, "csv")
-
-    @admin.action(description="Export messages of selected rooms (NDJSON)", permissions=["export"])
-    def export_messages_ndjson(
-        self, request: HttpRequest, queryset: QuerySet[Room]
-    ) -> HttpResponseBase:
-        return self._export(request, queryset, "ndjson")
-
-    def has_export_permission(self, request: HttpRequest) -> bool:
-        # An export holds every message text: viewing rooms is not enough.
-        return request.user.has_perm("chat.view_message")
-
-    def _export(self, request: HttpRequest, queryset: QuerySet[Room], fmt: str) -> HttpResponseBase:
-        """Stream the rooms' messages the way the export view does, rooms in slug order."""
-        rows = queryset.order_by("slug").values_list("id", "slug", "last_seq")
-        rooms = [RoomSnapshot(pk, slug, upto) for pk, slug, upto in rows]
-        slugs = ",".join(room.slug for room in rooms[:10]) + (",..." if len(rooms) > 10 else "")
-        return export_response(
-            rooms,
-            FORMATS[fmt],
-            filename=f"chat-messages-{timezone.now():%Y%m%d-%H%M%S}",
-            page_size=app_settings.EXPORT_PAGE_SIZE,
-            audit=f"admin user={request.user.pk} rooms={len(rooms)}:{slugs}",
-        )
 
     @admin.display(description="online now")
     def online_now(self, obj: Room) -> str:

@@ -38,21 +38,6 @@ class ChatSettings:
         return int(self._get("EXPORT_PAGE_SIZE", 2000))
 
     @property
-    def HISTORY_PAGE_SIZE(self) -> int:
-        """Messages per page of ``GET /chat/<slug>/messages/`` when the client gives no limit."""
-        return int(self._get("HISTORY_PAGE_SIZE", 50))
-
-    @property
-    def HISTORY_PAGE_MAX(self) -> int:
-        """Largest ``limit`` that ``GET /chat/<slug>/messages/`` honours (larger ones are cut)."""
-        return int(self._get("HISTORY_PAGE_MAX", 100))
-
-    @property
-    def EXPORT_PAGE_SIZE(self) -> int:
-        """Messages per database query (and per streamed chunk) of an export."""
-        return int(self._get("EXPORT_PAGE_SIZE", 2000))
-
-    @property
     def MAX_TEXT_LENGTH(self) -> int:
         """Longest message text, in characters."""
         return int(self._get("MAX_TEXT_LENGTH", 4000))

@@ -14,7 +14,5 @@ urlpatterns = [
     path("<slug:slug>/", views.room_detail, name="room"),
     path("<slug:slug>/messages/", views.room_messages, name="messages"),
     path("<slug:slug>/export/", views.export_messages, name="export"),
-    path("<slug:slug>/messages/", views.room_messages, name="messages"),
-    path("<slug:slug>/export/", views.export_messages, name="export"),
     path("<slug:slug>/presence/", views.room_presence, name="presence"),
 ]

@@ -7,15 +7,11 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
-from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from . import protocol, services
 from .conf import app_settings
-from .export import RoomSnapshot, export_response, parse_format
-from .models import Room
-from .paging import BadParameter, apage_response, error_response, parse_int, parse_page_params
 from .export import RoomSnapshot, export_response, parse_format
 from .models import Room
 from .paging import BadParameter, apage_response, error_response, parse_int, parse_page_params
@@ -40,58 +36,6 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
         request,
         "chat/room.html",
         {"room": room, "max_text_length": app_settings.MAX_TEXT_LENGTH},
-    )
-
-
-async def _api_room(request: HttpRequest, slug: str) -> Room | HttpResponse:
-    """The room of a JSON/download endpoint, or its 401/404/403 error response."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return error_response(401, "unauthenticated", "Log in first.")
-    try:
-        return await services.aget_room_for(user, slug)
-    except services.RoomNotFound:
-        return error_response(404, "not_found", "No such room.")
-    except services.AccessDenied:
-        return error_response(403, "forbidden", "You are not a member of this room.")
-
-
-@require_GET
-async def room_messages(request: HttpRequest, slug: str) -> HttpResponse:
-    """One page of a room's history, older than ``before`` (docs/protocol.md)."""
-    room = await _api_room(request, slug)
-    if not isinstance(room, Room):
-        return room
-    try:
-        params = parse_page_params(
-            request.GET,
-            default_limit=app_settings.HISTORY_PAGE_SIZE,
-            max_limit=app_settings.HISTORY_PAGE_MAX,
-        )
-    except BadParameter as exc:
-        return error_response(400, "bad_request", str(exc))
-    return await apage_response(room, params)
-
-
-@require_GET
-async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
-    """Every message of a room up to now, streamed as NDJSON or CSV (docs/protocol.md)."""
-    room = await _api_room(request, slug)
-    if not isinstance(room, Room):
-        return room
-    try:
-        fmt = parse_format(request.GET.get("format"))
-        after = parse_int(request.GET.get("after"), "after", default=0, minimum=0)
-    except BadParameter as exc:
-        return error_response(400, "bad_request", str(exc))
-    user = await request.auser()
-    return export_response(
-        [RoomSnapshot(room.pk, room.slug, room.last_seq)],
-        fmt,
-        filename=f"{room.slug}-messages",
-        after=after,
-        page_size=app_settings.EXPORT_PAGE_SIZE,
-        audit=f"user={user.pk} room={room.slug}",
     )
 
 
