@@ -230,3 +230,7 @@ for _name in (
 ):
     if os.environ.get(_name):
         globals()[_name] = os.environ[_name]
+
+# export (docs/settings.md): the end-to-end tests use tiny pages to cross many page boundaries.
+if os.environ.get("CHAT_EXPORT_PAGE_SIZE"):
+    CHAT_EXPORT_PAGE_SIZE = int(os.environ["CHAT_EXPORT_PAGE_SIZE"])
