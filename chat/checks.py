@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import app_settings
+from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 
 
 @register()

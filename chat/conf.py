@@ -235,5 +235,128 @@ class ChatSettings:
         """Retries of a failed initial request (429, 5xx, connection errors); never mid-stream."""
         return int(self._get("LLM_MAX_RETRIES", 1))
 
+    # --- assistant (chat/llm, chat/assistant.py, the /chat/assistant/ endpoint) ---------
+
+    @property
+    def ASSISTANT_BACKEND(self) -> str:
+        """Dotted path of the LLM backend class (a ``chat.llm.base.BaseLLMBackend``)."""
+        return str(self._get("ASSISTANT_BACKEND", "chat.llm.demo.DemoBackend"))
+
+    @property
+    def ASSISTANT_USERNAME(self) -> str:
+        """Username of the user that room replies are stored as (created on first use)."""
+        return str(self._get("ASSISTANT_USERNAME", "assistant"))
+
+    @property
+    def ASSISTANT_SYSTEM_PROMPT(self) -> str:
+        """System message put before the room history of a room reply ('' for none)."""
+        return str(
+            self._get(
+                "ASSISTANT_SYSTEM_PROMPT",
+                "You are a helpful assistant taking part in a group chat. Messages from room "
+                "members are prefixed with their username. Answer the last one, briefly.",
+            )
+        )
+
+    @property
+    def ASSISTANT_MAX_REQUEST_BYTES(self) -> int:
+        """Largest body of ``POST /chat/assistant/stream/``, in bytes."""
+        return int(self._get("ASSISTANT_MAX_REQUEST_BYTES", 128 * 1024))
+
+    @property
+    def ASSISTANT_MAX_MESSAGES(self) -> int:
+        """Most messages in one ``POST /chat/assistant/stream/`` request."""
+        return int(self._get("ASSISTANT_MAX_MESSAGES", 50))
+
+    @property
+    def ASSISTANT_MAX_CONTENT_CHARS(self) -> int:
+        """Longest ``content`` of one message of a stream request, in characters."""
+        return int(self._get("ASSISTANT_MAX_CONTENT_CHARS", 8000))
+
+    @property
+    def ASSISTANT_CONTEXT_MESSAGES(self) -> int:
+        """Room messages (the request included) sent to the model as a room reply's context."""
+        return int(self._get("ASSISTANT_CONTEXT_MESSAGES", 20))
+
+    @property
+    def ASSISTANT_CONTEXT_CHARS(self) -> int:
+        """Most characters of room history in a reply's context (oldest dropped first)."""
+        return int(self._get("ASSISTANT_CONTEXT_CHARS", 12000))
+
+    @property
+    def ASSISTANT_MAX_REPLY_CHARS(self) -> int:
+        """Longest room reply, in characters; a longer one is cut and stored as an error."""
+        return int(self._get("ASSISTANT_MAX_REPLY_CHARS", 16000))
+
+    @property
+    def ASSISTANT_COALESCE_SECONDS(self) -> float:
+        """Longest time a room reply's text waits to be sent with later deltas, in seconds."""
+        return float(self._get("ASSISTANT_COALESCE_SECONDS", 0.05))
+
+    @property
+    def ASSISTANT_COALESCE_CHARS(self) -> int:
+        """Waiting reply text of at least this many characters is sent at once."""
+        return int(self._get("ASSISTANT_COALESCE_CHARS", 256))
+
+    @property
+    def ASSISTANT_MAX_CONCURRENT_PER_USER(self) -> int:
+        """Room replies one user may have running at once (per server process)."""
+        return int(self._get("ASSISTANT_MAX_CONCURRENT_PER_USER", 1))
+
+    @property
+    def ASSISTANT_RATE_LIMIT_REPLIES(self) -> int:
+        """Room replies one user may request per window (all rooms and processes)."""
+        return int(self._get("ASSISTANT_RATE_LIMIT_REPLIES", 5))
+
+    @property
+    def ASSISTANT_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``ASSISTANT_RATE_LIMIT_REPLIES``, in seconds."""
+        return float(self._get("ASSISTANT_RATE_LIMIT_WINDOW_SECONDS", 60.0))
+
+    @property
+    def ASSISTANT_DEMO_DELAY_SECONDS(self) -> float:
+        """Pause before each token of the offline demo backend, in seconds."""
+        return float(self._get("ASSISTANT_DEMO_DELAY_SECONDS", 0.03))
+
+    @property
+    def LLM_API_KEY(self) -> str:
+        """API key of the OpenAI-compatible server. Never sent to browsers or logged."""
+        return str(self._get("LLM_API_KEY", "") or "")
+
+    @property
+    def LLM_BASE_URL(self) -> str:
+        """Base URL of an OpenAI-compatible server ('' for api.openai.com)."""
+        return str(self._get("LLM_BASE_URL", "") or "")
+
+    @property
+    def LLM_MODEL(self) -> str:
+        """Model name sent with every request."""
+        return str(self._get("LLM_MODEL", "gpt-4o-mini"))
+
+    @property
+    def LLM_MAX_TOKENS(self) -> int:
+        """``max_tokens`` of every request (0: not sent, the server's default)."""
+        return int(self._get("LLM_MAX_TOKENS", 1024))
+
+    @property
+    def LLM_CONNECT_TIMEOUT_SECONDS(self) -> float:
+        """Longest wait for a TCP/TLS connection to the model server, in seconds."""
+        return float(self._get("LLM_CONNECT_TIMEOUT_SECONDS", 5.0))
+
+    @property
+    def LLM_FIRST_TOKEN_TIMEOUT_SECONDS(self) -> float:
+        """Longest wait from the request to the first token (retries included), in seconds."""
+        return float(self._get("LLM_FIRST_TOKEN_TIMEOUT_SECONDS", 30.0))
+
+    @property
+    def LLM_IDLE_TIMEOUT_SECONDS(self) -> float:
+        """Longest wait between two chunks once a reply has started, in seconds."""
+        return float(self._get("LLM_IDLE_TIMEOUT_SECONDS", 20.0))
+
+    @property
+    def LLM_MAX_RETRIES(self) -> int:
+        """Retries of a failed initial request (429, 5xx, connection errors); never mid-stream."""
+        return int(self._get("LLM_MAX_RETRIES", 1))
+
 
 app_settings = ChatSettings()

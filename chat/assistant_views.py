@@ -1,0 +1,98 @@
+"""HTTP views of the assistant: the private panel and its streaming endpoint.
+
+``POST /chat/assistant/stream/`` answers Server-Sent Events from an async view (the classic
+pattern): ``data: {"content": "<delta>"}`` per delta, then ``data: [DONE]``; a failure ends
+the stream with ``event: error`` and ``data: {"code", "message"}``. When the client goes away
+Django cancels the response and closes its iterator with ``aclosing``; the backend's
+``finally`` then closes the upstream stream, so the model server sees its connection drop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+from asgiref.sync import sync_to_async
+from django.contrib.auth.decorators import login_required
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.shortcuts import render
+from django.views.decorators.http import require_POST
+
+from . import assistant_protocol, sse
+from .conf import app_settings
+from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+
+logger = logging.getLogger(__name__)
+
+
+def _json_error(status: int, code: str, message: str) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+
+
+@login_required
+def assistant_panel(request: HttpRequest) -> HttpResponse:
+    """A private "Ask the assistant" page that streams from ``assistant_stream``."""
+    backend = get_backend()
+    return render(
+        request,
+        "chat/assistant.html",
+        {
+            "is_demo": backend.is_demo,
+            "backend_label": backend.label,
+            "max_content_chars": app_settings.ASSISTANT_MAX_CONTENT_CHARS,
+            "max_messages": app_settings.ASSISTANT_MAX_MESSAGES,
+        },
+    )
+
+
+@require_POST
+async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
+    """Stream the assistant's reply to a conversation as Server-Sent Events."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return _json_error(401, "unauthenticated", "Log in first.")
+    limits = assistant_protocol.RequestLimits(
+        max_bytes=app_settings.ASSISTANT_MAX_REQUEST_BYTES,
+        max_messages=app_settings.ASSISTANT_MAX_MESSAGES,
+        max_content_chars=app_settings.ASSISTANT_MAX_CONTENT_CHARS,
+    )
+    # Refuse a big body by its header before reading it (Django would read it into memory).
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        return _json_error(
+            400, assistant_protocol.TOO_LARGE, f"The body is limited to {limits.max_bytes} bytes."
+        )
+    try:
+        messages = assistant_protocol.parse_stream_request(
+            request.body, request.content_type or "", limits
+        )
+    except assistant_protocol.BadRequest as exc:
+        return _json_error(400, exc.code, exc.message)
+    backend = get_backend()
+    # The stream may last a minute: don't hold this request's database connection meanwhile.
+    await sync_to_async(close_old_connections)()
+    response = StreamingHttpResponse(
+        reply_events(backend, messages), content_type="text/event-stream; charset=utf-8"
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return response
+
+
+async def reply_events(
+    backend: BaseLLMBackend, messages: Sequence[ChatMessage]
+) -> AsyncIterator[bytes]:
+    """The SSE body of one reply. Close with ``aclosing`` (Django does)."""
+    # Daphne sends the response headers with the first body chunk: send one at once.
+    yield sse.comment("stream")
+    try:
+        async with aclosing(backend.stream(messages)) as deltas:
+            async for delta in deltas:
+                yield sse.encode_json({"content": delta})
+    except LLMError as exc:
+        yield sse.encode_json({"code": exc.code, "message": exc.message}, event="error")
+        return
+    yield sse.DONE

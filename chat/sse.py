@@ -1,0 +1,34 @@
+"""Server-Sent Events encoding (WHATWG HTML "server-sent events"). Pure: bytes in, bytes out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _field(value: str) -> str:
+    # A field name or one-line value must not contain line breaks (or NUL, which browsers drop).
+    return value.replace("\r", "").replace("\n", "").replace("\0", "")
+
+
+def encode_event(data: str, event: str | None = None, event_id: str | None = None) -> bytes:
+    """Encode one event; each line of ``data`` becomes its own ``data:`` line."""
+    lines = []
+    if event:
+        lines.append(f"event: {_field(event)}")
+    if event_id is not None:
+        lines.append(f"id: {_field(event_id)}")
+    lines.extend(f"data: {line}" for line in data.replace("\r\n", "\n").split("\n"))
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def encode_json(obj: Any, event: str | None = None) -> bytes:
+    """Encode ``obj`` as the JSON data of one event (JSON text is always one line)."""
+    return encode_event(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event)
+
+
+def comment(text: str = "") -> bytes:
+    """A comment line: ignored by clients, keeps proxies and the connection busy."""
+    return f": {_field(text)}\n\n".encode()
