@@ -411,19 +411,38 @@ def seed_messages(env: dict[str, str], room: str, count: int, username: str = "c
 # --- HTTP and WebSocket clients --------------------------------------------------------------
 
 
+def _login_form(username: str, password: str, client_cookies: httpx.Cookies) -> dict[str, str]:
+    return {
+        "username": username,
+        "password": password,
+        "csrfmiddlewaretoken": client_cookies["csrftoken"],
+    }
+
+
+def _session_cookie(response: httpx.Response, username: str, cookies: httpx.Cookies) -> str:
+    assert response.status_code == 302, f"login of {username} failed: {response.status_code}"
+    return f"sessionid={cookies['sessionid']}; csrftoken={cookies['csrftoken']}"
+
+
 async def login(base_url: str, username: str, password: str = TEST_PASSWORD) -> str:
     """Log in through the real login form; return the Cookie header of the session."""
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
         page = await client.get("/accounts/login/")
         assert page.status_code == 200, page.text[:500]
-        token = client.cookies["csrftoken"]
-        response = await client.post(
-            "/accounts/login/",
-            data={"username": username, "password": password, "csrfmiddlewaretoken": token},
+        form = _login_form(username, password, client.cookies)
+        response = await client.post("/accounts/login/", data=form)
+        return _session_cookie(response, username, client.cookies)
+
+
+def login_sync(base_url: str, username: str, password: str = TEST_PASSWORD) -> str:
+    """``login`` for synchronous code (fixtures of a wider scope than the event loop)."""
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        page = client.get("/accounts/login/")
+        assert page.status_code == 200, page.text[:500]
+        response = client.post(
+            "/accounts/login/", data=_login_form(username, password, client.cookies)
         )
-        assert response.status_code == 302, f"login of {username} failed: {response.status_code}"
-        session = client.cookies["sessionid"]
-        return f"sessionid={session}; csrftoken={client.cookies['csrftoken']}"
+        return _session_cookie(response, username, client.cookies)
 
 
 async def ws_connect(
@@ -456,6 +475,26 @@ async def recv_frames(ws: ClientConnection, timeout: float = 5.0) -> list[dict[s
     """Receive one WebSocket message and return its frames (always a list)."""
     raw = await asyncio.wait_for(ws.recv(), timeout)
     return decode_frames(raw)
+
+
+# The frames of the message protocol these helpers test. Clients ignore other frame types
+# (presence, typing, read markers belong to other features), so the chat helpers skip them.
+CHAT_FRAME_TYPES = frozenset({"hello", "message", "ack", "pong", "error"})
+
+
+async def recv_chat_frames(
+    ws: ClientConnection, timeout: float = 5.0, ignored: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Like ``recv_frames``, but skip frames of other types (kept in ``ignored`` if given)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.001)
+        frames = await recv_frames(ws, remaining)
+        chat = [f for f in frames if f.get("type") in CHAT_FRAME_TYPES]
+        if ignored is not None:
+            ignored.extend(f for f in frames if f.get("type") not in CHAT_FRAME_TYPES)
+        if chat:
+            return chat
 
 
 async def recv_until(
@@ -501,3 +540,95 @@ def running(*servers: _Process) -> Iterator[None]:
     finally:
         for server in servers:
             server.cleanup()
+
+
+class ChatClient:
+    """A chat WebSocket that logs every frame it receives, for tests that read at their pace.
+
+    ``log`` holds every frame in arrival order; ``next_frame`` and ``wait_for`` walk it with a
+    cursor, receiving more when they reach its end. Frames skipped by ``wait_for`` stay in
+    ``log`` (``messages()`` and ``seqs()`` read it), so nothing a test did not expect is lost.
+    Frames outside ``CHAT_FRAME_TYPES`` go to ``other`` instead.
+    """
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.log: list[dict[str, Any]] = []
+        self.other: list[dict[str, Any]] = []
+        self._cursor = 0
+        self.hello: dict[str, Any] = {}
+
+    @classmethod
+    async def open(
+        cls, server: DaphneServer, cookie: str, room: str = "lobby", query: str = ""
+    ) -> ChatClient:
+        """Connect to a room and read its ``hello`` frame."""
+        path = f"/ws/chat/{room}/" + (f"?{query}" if query else "")
+        client = cls(await ws_connect(server, path, cookie))
+        client.hello = await client.next_frame(10)
+        assert client.hello["type"] == "hello", client.hello
+        return client
+
+    async def next_frame(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Return the next frame not yet returned, receiving one if needed."""
+        if self._cursor == len(self.log):
+            try:
+                self.log.extend(await recv_chat_frames(self.ws, timeout, self.other))
+            except TimeoutError:
+                raise AssertionError(
+                    f"no frame within {timeout:g} s; last frames {_summary(self.log, 5)}"
+                ) from None
+        frame = self.log[self._cursor]
+        self._cursor += 1
+        return frame
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """Return the next frame matching ``predicate``; the frames before it stay in ``log``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no matching frame within {timeout:g} s; got {_summary(self.log)}"
+                )
+            frame = await self.next_frame(remaining)
+            if predicate(frame):
+                return frame
+
+    async def wait_seq(self, seq: int, timeout: float = 10.0) -> None:
+        """Wait until a message with at least ``seq`` arrives."""
+        await self.wait_for(lambda f: f["type"] == "message" and f["seq"] >= seq, timeout)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [frame for frame in self.log if frame["type"] == "message"]
+
+    def seqs(self) -> list[int]:
+        return [frame["seq"] for frame in self.messages()]
+
+    async def send(self, frame: Any) -> None:
+        """Send one JSON value (a frame, an array, anything) as a text message."""
+        await self.ws.send(json.dumps(frame))
+
+    async def post(self, text: str, client_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Send a message and return the ack or error answering it."""
+        await self.send({"type": "message", "text": text, "client_id": client_id})
+        return await self.wait_for(
+            lambda f: f["type"] in ("ack", "error") and f.get("client_id") == client_id, timeout
+        )
+
+    async def ping(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Send a ping; return the frames received before its pong (the pong excluded)."""
+        start = len(self.log)
+        await self.send({"type": "ping"})
+        await self.wait_for(lambda f: f["type"] == "pong", timeout)
+        return [f for f in self.log[start:] if f["type"] != "pong"]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    def drop(self) -> None:
+        """Lose the connection abruptly: no close frame, as when a network goes away."""
+        transport = self.ws.transport
+        transport.abort()
