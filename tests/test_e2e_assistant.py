@@ -74,7 +74,7 @@ async def http(server: DaphneServer) -> AsyncIterator[httpx.AsyncClient]:
 
 async def read_reply(http: httpx.AsyncClient, body: Any = None) -> tuple[str, list[Any]]:
     """POST, read the whole SSE stream; return the concatenated text and the last event."""
-    text = []
+    text: list[str] = []
     async with aconnect_sse(http, "POST", URL, json=body or {"messages": QUESTION}) as source:
         assert source.response.status_code == 200
         assert source.response.headers["content-type"].startswith("text/event-stream")
