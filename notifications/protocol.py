@@ -46,7 +46,10 @@ class NotificationLike(Protocol):
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # Valid JSON either way; escaped, no client that splits lines at Unicode separators
+    # (U+2028/U+2029, as Python's str.splitlines does) can break an event apart.
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def notification_tail(
