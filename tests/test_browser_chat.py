@@ -484,7 +484,7 @@ def test_a_silent_connection_is_dropped_and_replaced(
 
 
 def test_refused_messages_are_retried_or_marked_failed(
-    fake_room: Callable[..., tuple[Page, FakeChatServer]],
+    fake_room: Callable[..., tuple[Page, FakeChatServer]], tmp_path: Path
 ) -> None:
     page, fake = fake_room(seed=1)
     fake.refuse = {"slow down": ["rate_limited", "unavailable"], "too long": ["too_long"]}
@@ -499,6 +499,7 @@ def test_refused_messages_are_retried_or_marked_failed(
     assert len({f["client_id"] for f in attempts}) == 1
     assert len([f for f in fake.frames_of_type("message") if f["text"] == "too long"]) == 1
     assert outbox_length(page) == 0
+    page.screenshot(path=screenshot_path(tmp_path, "chat-room-failed.png"))
     failed.get_by_role("button", name="dismiss").click()
     expect(page.locator(UNCONFIRMED)).to_have_count(0)
 
