@@ -68,6 +68,11 @@ class ChatSettings:
         return int(self._get("REPLAY_BATCH_SIZE", 200))
 
     @property
+    def PONG_SEQ_MAX_AGE_SECONDS(self) -> float:
+        """How stale the ``last_seq`` in a pong may be (one read per room per interval)."""
+        return float(self._get("PONG_SEQ_MAX_AGE_SECONDS", 2.0))
+
+    @property
     def PRESENCE_STORE(self) -> str:
         """Dotted path of the presence store class (memory for one process, Redis for many)."""
         return str(self._get("PRESENCE_STORE", "chat.presence_stores.memory.MemoryPresenceStore"))

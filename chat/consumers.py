@@ -156,7 +156,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.SendMessage):
             await self._handle_message(frame)
         elif isinstance(frame, protocol.Ping):
-            await self._send_frames([protocol.pong_frame()])
+            await self._handle_ping()
         elif isinstance(frame, protocol.Resume):
             await self._handle_resume(frame)
         elif isinstance(frame, protocol.Typing):
@@ -184,6 +184,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
             return
         await self._send_frames([protocol.ack_frame(frame.client_id, result.message.seq)])
+
+    async def _handle_ping(self) -> None:
+        try:
+            room_last = await services.arecent_last_seq(
+                self.room.pk, app_settings.PONG_SEQ_MAX_AGE_SECONDS
+            )
+        except DatabaseError:
+            room_last = self.last_sent
+        # Never report less than this socket already delivered (the value may be cached).
+        await self._send_frames([protocol.pong_frame(max(room_last, self.last_sent))])
 
     async def _handle_resume(self, frame: protocol.Resume) -> None:
         try:

@@ -7,6 +7,7 @@ same frames for client authors; tests/test_protocol.py pins their shapes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,8 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
 MAX_CLIENT_ID_LENGTH = 64
+# Assistant stream ids become channel-layer group names: keep them to safe characters.
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,12 @@ class Read:
     seq: int
 
 
-ClientFrame = SendMessage | Ping | Resume | Typing | Read
+@dataclass(frozen=True)
+class AssistantStop:
+    stream_id: str
+
+
+ClientFrame = SendMessage | Ping | Resume | Typing | Read | AssistantStop
 
 
 class ProtocolError(Exception):
@@ -125,6 +133,13 @@ def _parse_read(obj: dict[str, Any]) -> Read | FrameError:
     return Read(seq=seq)
 
 
+def _parse_assistant_stop(obj: dict[str, Any]) -> AssistantStop | FrameError:
+    stream_id = obj.get("stream_id")
+    if not isinstance(stream_id, str) or not _STREAM_ID.fullmatch(stream_id):
+        return FrameError(BAD_FRAME, "stream_id must be the id of an assistant reply.")
+    return AssistantStop(stream_id=stream_id)
+
+
 def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
     """Validate one decoded client frame against the allowlist of frame types."""
     if not isinstance(obj, dict):
@@ -140,6 +155,8 @@ def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
         return _parse_typing(obj)
     if frame_type == "read":
         return _parse_read(obj)
+    if frame_type == "assistant.stop":
+        return _parse_assistant_stop(obj)
     if not isinstance(frame_type, str):
         return FrameError(BAD_FRAME, "A frame needs a string 'type'.")
     return FrameError(BAD_FRAME, f"Unknown frame type {frame_type[:40]!r}.")
@@ -192,7 +209,7 @@ def user_frame(user: UserLike) -> dict[str, Any]:
 
 
 def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[str, Any]:
-    return {
+    frame: dict[str, Any] = {
         "type": "message",
         "seq": message.seq,
         "id": message.id,
@@ -202,6 +219,11 @@ def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[
         "client_id": message.client_id or None,
         "created_at": message.created_at.isoformat(),
     }
+    # Only assistant replies that were stopped or failed carry a status ("stopped", "error").
+    status = getattr(message, "status", "")
+    if status:
+        frame["status"] = status
+    return frame
 
 
 def hello_frame(room_slug: str, user: UserLike, last_seq: int) -> dict[str, Any]:
@@ -212,8 +234,10 @@ def ack_frame(client_id: str, seq: int) -> dict[str, Any]:
     return {"type": "ack", "client_id": client_id or None, "seq": seq}
 
 
-def pong_frame() -> dict[str, Any]:
-    return {"type": "pong"}
+def pong_frame(last_seq: int) -> dict[str, Any]:
+    # Carrying the room's last seq lets a client notice a broadcast it never got (the Redis
+    # layer delivers at most once) and ask to resume, even when no later message comes.
+    return {"type": "pong", "last_seq": last_seq}
 
 
 def error_frame(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ commits, encoded once for every recipient.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,22 @@ def last_seq(room_id: int) -> int:
     return Room.objects.values_list("last_seq", flat=True).get(pk=room_id)
 
 
+# room id -> (last seq, monotonic time read): one query per room per interval and process,
+# however many sockets ping.
+_last_seq_cache: dict[int, tuple[int, float]] = {}
+
+
+async def arecent_last_seq(room_id: int, max_age_seconds: float) -> int:
+    """The room's last seq, read from the database at most once per ``max_age_seconds``."""
+    now = time.monotonic()
+    cached = _last_seq_cache.get(room_id)
+    if cached is not None and now - cached[1] < max_age_seconds:
+        return cached[0]
+    value = await alast_seq(room_id)
+    _last_seq_cache[room_id] = (value, now)
+    return value
+
+
 def _check_rate(user: User) -> None:
     window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
     # Counting stored messages needs no extra state and holds across processes and tabs.
@@ -89,9 +106,19 @@ def _check_rate(user: User) -> None:
         raise RateLimited()
 
 
-def post_message(room_id: int, user: User, text: str, client_id: str = "") -> PostResult:
+def post_message(
+    room_id: int,
+    user: User,
+    text: str,
+    client_id: str = "",
+    *,
+    status: str = "",
+    check_rate: bool = True,
+) -> PostResult:
     """Store a message with the room's next seq, or return the one this client_id already made.
 
+    ``status`` marks an assistant reply that was stopped or failed; ``check_rate=False`` is for
+    the assistant's own replies (their requests are rate-limited instead).
     Raises RateLimited, or DatabaseError when the database is unavailable.
     """
     with transaction.atomic():
@@ -102,11 +129,12 @@ def post_message(room_id: int, user: User, text: str, client_id: str = "") -> Po
             existing = Message.objects.filter(room=room, user=user, client_id=client_id).first()
             if existing is not None:
                 return PostResult(existing, created=False)
-        _check_rate(user)
+        if check_rate:
+            _check_rate(user)
         seq = room.last_seq + 1
         Room.objects.filter(pk=room.pk).update(last_seq=seq)
         message = Message.objects.create(
-            room=room, seq=seq, user=user, text=text, client_id=client_id
+            room=room, seq=seq, user=user, text=text, client_id=client_id, status=status
         )
         frame_text = protocol.encode(protocol.message_frame(message, room.slug, user))
         transaction.on_commit(

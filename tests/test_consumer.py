@@ -226,10 +226,10 @@ async def stored_texts_eventually(room: Room, count: int) -> list[str]:
 async def test_ping_pong_and_batched_frames(alice: User, lobby: Room) -> None:
     comm = await connected(alice, "lobby")
     await send(comm, {"type": "ping"})
-    assert await frame(comm) == {"type": "pong"}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0}
     await send(comm, [{"type": "ping"}, {"type": "ping"}])
-    assert await frame(comm) == {"type": "pong"}
-    assert await frame(comm) == {"type": "pong"}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0}
     await comm.disconnect()
 
 
@@ -258,7 +258,7 @@ async def test_bad_input_is_answered_and_socket_stays_open(
     received = await frames(comm)
     while received[0]["type"] == "error":  # "[1,2]" yields one error per frame
         received = await frames(comm)
-    assert received == [{"type": "pong"}]
+    assert received == [{"type": "pong", "last_seq": 0}]
     assert await stored_texts(lobby) == []
     await comm.disconnect()
 
@@ -308,7 +308,7 @@ async def test_database_trouble_is_unavailable(
     assert await stored_texts(lobby) == []
     assert (await services.alast_seq(lobby.pk)) == 0, "a failed send leaves no gap"
     await send(comm, {"type": "ping"})
-    assert await frame(comm) == {"type": "pong"}
+    assert (await frame(comm))["type"] == "pong"
     await comm.disconnect()
 
 
@@ -352,4 +352,18 @@ async def test_out_of_order_live_events_are_filled_from_the_database(
     await layer.group_send(group, {"type": "chat.message", "seq": 2, "text": '{"seq":2}'})
     await layer.group_send(group, {"type": "chat.message", "seq": 3, "text": '{"seq":3}'})
     assert await quiet(comm)
+    await comm.disconnect()
+
+
+async def test_pong_reports_the_room_last_seq_so_clients_detect_lost_broadcasts(
+    alice: User, lobby: Room
+) -> None:
+    comm = await connected(alice, "lobby")
+    # Stored by "another process" whose broadcast never arrived here.
+    await store_silently(lobby, alice, 2)
+    with override_settings(CHAT_PONG_SEQ_MAX_AGE_SECONDS=0):
+        await send(comm, {"type": "ping"})
+        assert await frame(comm) == {"type": "pong", "last_seq": 2}
+    await send(comm, {"type": "resume", "after": 0})
+    assert [m["seq"] for m in await frames(comm)] == [1, 2]
     await comm.disconnect()

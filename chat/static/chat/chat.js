@@ -343,7 +343,7 @@
       case "ack":
         return onAck(frame);
       case "pong":
-        return onPong();
+        return onPong(frame);
       case "error":
         return onError(frame);
       default:
@@ -455,8 +455,14 @@
     armDeadTimer();
   }
 
-  function onPong() {
-    if (pongQueue.shift() === "barrier") onResumeDone();
+  function onPong(pong) {
+    if (pongQueue.shift() === "barrier") {
+      onResumeDone();
+      return;
+    }
+    // The room holds messages we never got (a broadcast lost between server processes and
+    // nothing sent since to reveal the gap): fetch them.
+    if (synced && Number.isInteger(pong.last_seq) && pong.last_seq > lastSeq) requestResume();
   }
 
   function onResumeDone() {
