@@ -24,7 +24,11 @@
  *   historyLimit         50  messages reloaded after the server's database was reset
  *
  * Debug hook (read-only, for tests and the console): window.chatClient with state, lastSeq,
- * outboxLength, sessions (hellos received), config, and reconnectNow().
+ * outboxLength, sessions (hellos received), config, reconnectNow() and sendFrame(frame).
+ *
+ * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
+ * "chat:message" {seq, user} after a message is rendered, and "chat:frame" (the frame) for
+ * frame types this file does not handle (presence, typing, read markers).
  */
 (function () {
   "use strict";
@@ -161,6 +165,8 @@
       },
       config,
       reconnectNow: () => dropConnection("debug", true),
+      // For companion scripts (presence.js): send a frame on the live socket, if any.
+      sendFrame: (frame) => session && sendFrame(frame),
     });
   }
 
@@ -295,6 +301,12 @@
     state = next;
     els.state.dataset.state = next;
     els.state.textContent = STATE_LABELS[next];
+    emit("chat:state", { state: next });
+  }
+
+  // Companion scripts listen on #chat-room instead of reaching into this closure.
+  function emit(name, detail) {
+    root.dispatchEvent(new CustomEvent(name, { detail }));
   }
 
   // ------------------------------------------------------------------ heartbeat
@@ -347,7 +359,9 @@
       case "error":
         return onError(frame);
       default:
-        return undefined; // newer server, unknown frame: ignore
+        // Presence, typing and read frames belong to presence.js; unknown types are ignored.
+        emit("chat:frame", frame);
+        return undefined;
     }
   }
 
@@ -414,6 +428,7 @@
     lastSeq = msg.seq;
     settleOwn(msg);
     if (stick) scrollToBottom();
+    emit("chat:message", { seq: msg.seq, user: msg.user });
   }
 
   // Our own message came back: it is stored, so it leaves the outbox and its pending twin goes.
