@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.servers import DaphneServer
 from tests.test_browser_chat import browser, new_context, open_room, page_errors, send
@@ -15,12 +16,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 __all__ = ["browser", "page_errors"]  # fixtures shared with the chat browser tests
 
 
-def member(page: Page, username: str):  # type: ignore[no-untyped-def]
+def member(page: Page, username: str) -> Locator:
     return page.locator("[data-testid=members] li").filter(has_text=re.compile(f"^{username}"))
 
 
 def test_two_users_see_presence_typing_reads_and_leaving(
-    browser: Browser, page_errors: list[str], daphne: DaphneServer
+    browser: Browser, page_errors: list[str], daphne: DaphneServer, tmp_path: Path
 ) -> None:
     alice_ctx = new_context(browser, page_errors)
     bob_ctx = new_context(browser, page_errors)
@@ -52,7 +53,7 @@ def test_two_users_see_presence_typing_reads_and_leaving(
     bob.evaluate("window.chatClient.sendFrame({type: 'typing', active: true})")
     expect(alice.get_by_test_id("typing")).to_have_text("bob is typing…")
     expect(alice.get_by_test_id("seen-by")).to_have_text("Seen by bob")
-    alice.screenshot(path="/tmp/chat-presence.png")
+    alice.screenshot(path=tmp_path / "chat-presence.png")
     expect(alice.get_by_test_id("typing")).to_be_hidden(timeout=12_000)
 
     # Bob leaves: alice sees him go offline, still listed as a member who read the room.
@@ -69,5 +70,5 @@ def test_two_users_see_presence_typing_reads_and_leaving(
     expect(other.locator("[data-testid=messages] li[data-seq]")).to_have_count(3)
     room_list.reload()
     expect(room_list.locator("[data-room=lobby] [data-testid=unread]")).to_have_text("1")
-    room_list.screenshot(path="/tmp/chat-rooms.png")
+    room_list.screenshot(path=tmp_path / "chat-rooms.png")
     alice_ctx.close()
