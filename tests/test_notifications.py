@@ -27,7 +27,7 @@ from chat import services as chat_services
 from chat.models import Membership, Room
 from notifications import anotify, notify, protocol, services
 from notifications.checks import check_notifications_settings
-from notifications.hub import get_hub
+from notifications.hub import UNKNOWN_START, Range, Subscription, UnreadChanged, get_hub
 from notifications.mentions import mentioned_usernames
 from notifications.models import Notification
 from notifications.streams import active_streams
@@ -428,6 +428,48 @@ async def test_without_a_layer_the_poll_delivers(alice_cookie: tuple[User, str])
     await anotify(alice, "found by the poll")
     await request.read_until("found by the poll")
     await request.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(NOTIFICATIONS_POLL_SECONDS=600, CHANNEL_LAYERS={})
+async def test_out_of_order_live_events_are_filled_from_the_database(
+    alice_cookie: tuple[User, str],
+) -> None:
+    """Processes publish independently: a later id may arrive first. No gap, no duplicate."""
+    alice, cookie = alice_cookie
+    request = await ASGIRequest("/notifications/stream/", cookie).start()
+    await request.read_until("event: unread")
+    # No layer: notify() stores and publishes nothing; the test delivers the layer messages.
+    await anotify(alice, "A")
+    await anotify(alice, "B")
+    a, b = [n async for n in Notification.objects.order_by("id")]
+    tail_a = protocol.tail_of(a)
+    tail_b = protocol.tail_of(b)
+    message_a = protocol.batch_message(tail_a, [protocol.BatchItem(alice.pk, a.pk, 0)])
+    message_b = protocol.batch_message(tail_b, [protocol.BatchItem(alice.pk, b.pk, a.pk)])
+    hub = get_hub()
+    hub.dispatch(message_b)  # B first: its previous id (A) was never sent, so read A too
+    body = await request.read_until('"title":"B"')
+    hub.dispatch(message_a)  # late: already sent
+    hub.dispatch(message_b)  # duplicate
+    await anotify(alice, "C")
+    c = await Notification.objects.aget(title="C")
+    hub.dispatch(
+        protocol.batch_message(protocol.tail_of(c), [protocol.BatchItem(alice.pk, c.pk, b.pk)])
+    )
+    body = await request.read_until('"title":"C"')
+    assert notification_ids(body) == [a.pk, b.pk, c.pk]
+    await request.disconnect()
+
+
+async def test_a_subscription_that_overflows_falls_back_to_the_database() -> None:
+    sub = Subscription(user_id=1, limit=3)
+    for i in range(1, 6):
+        sub.put(Range(i - 1, i, [(i, "{}")]))
+    sub.put(UnreadChanged())
+    sub.put(UnreadChanged())  # coalesced
+    items = [await sub.get() for _ in range(sub.pending())]
+    assert items == [Range(UNKNOWN_START, 4, None), Range(4, 5, [(5, "{}")]), UnreadChanged()]
 
 
 # --- admin ---------------------------------------------------------------------------------------
