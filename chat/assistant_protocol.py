@@ -71,3 +71,59 @@ def _parse_message(index: int, item: Any, limits: RequestLimits) -> ChatMessage:
             TOO_LONG, f"{where}.content is longer than {limits.max_content_chars} characters."
         )
     return ChatMessage(role=cast(Any, role), content=content)
+
+
+# --- room frames (WebSocket, see docs/protocol.md "Assistant") -----------------------------
+
+# Error codes of {"type": "error"} frames answering an assistant request or stop.
+ASSISTANT_BUSY = "assistant_busy"
+ASSISTANT_FORBIDDEN = "assistant_forbidden"
+REPLY_TOO_LONG = "reply_too_long"
+
+# How a reply ended: assistant.end "status"; Message.status stores "" for done.
+DONE = "done"
+STOPPED = "stopped"
+ERROR = "error"
+
+
+def start_frame(
+    *,
+    stream_id: str,
+    room_slug: str,
+    user: dict[str, Any],
+    requested_by: dict[str, Any],
+    request_seq: int,
+    demo: bool,
+    text: str = "",
+    next_index: int = 0,
+) -> dict[str, Any]:
+    """A reply started; sent again, with the text so far, to a member who joins mid-reply."""
+    return {
+        "type": "assistant.start",
+        "stream_id": stream_id,
+        "room": room_slug,
+        "user": user,
+        "requested_by": requested_by,
+        "request_seq": request_seq,
+        "demo": demo,
+        "text": text,
+        "next_index": next_index,
+    }
+
+
+def delta_frame(stream_id: str, index: int, content: str) -> dict[str, Any]:
+    """The next piece of a reply; ``index`` counts the deltas of the stream from 0."""
+    return {"type": "assistant.delta", "stream_id": stream_id, "index": index, "content": content}
+
+
+def end_frame(
+    stream_id: str, status: str, seq: int | None, error: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The reply ended; ``seq`` is its stored message (None when nothing was stored)."""
+    return {
+        "type": "assistant.end",
+        "stream_id": stream_id,
+        "status": status,
+        "seq": seq,
+        "error": {"code": error[0], "message": error[1]} if error else None,
+    }

@@ -19,9 +19,9 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
 
-from . import protocol, services
+from . import assistant, protocol, services
 from .conf import app_settings
-from .models import Room
+from .models import Message, Room
 from .presence import RateGate
 from .presence_hub import PresenceHub, get_hub
 
@@ -79,6 +79,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.last_sent = min(after, last_seq)
             await self._replay(last_seq)
         await self._join_presence()
+        # Replies running in the room answer with their text so far (assistant.start).
+        await assistant.request_snapshots(self.room.pk, self.channel_name)
 
     async def _join_presence(self) -> None:
         self.hub = get_hub()
@@ -163,6 +165,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._handle_typing(frame)
         elif isinstance(frame, protocol.Read):
             await self._handle_read(frame)
+        elif isinstance(frame, protocol.AssistantStop):
+            await assistant.request_stop(frame.stream_id, self.user, self.channel_name)
 
     async def _handle_message(self, frame: protocol.SendMessage) -> None:
         cid = frame.client_id or None
@@ -184,6 +188,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
             return
         await self._send_frames([protocol.ack_frame(frame.client_id, result.message.seq)])
+        if result.created and assistant.is_request(frame.text):
+            await self._ask_assistant(result.message)
+
+    async def _ask_assistant(self, message: Message) -> None:
+        # The reply runs in chat.assistant's registry, not here: it outlives this socket.
+        try:
+            await assistant.request_reply(self.room, self.user, message)
+        except assistant.AssistantRefused as exc:
+            await self._error(exc.code, exc.message)
 
     async def _handle_ping(self) -> None:
         try:
@@ -274,6 +287,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=event["text"])
 
     async def chat_read(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=event["text"])
+
+    async def assistant_frame(self, event: dict[str, Any]) -> None:
+        # Encoded once by the reply's runner (chat/assistant.py) for every member.
         await self.send(text_data=event["text"])
 
     # --- sending -------------------------------------------------------------------------

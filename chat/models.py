@@ -50,6 +50,15 @@ class Message(models.Model):
     text = models.TextField()
     # Chosen by the client so a resend after a reconnect is recognised (idempotent send).
     client_id = models.CharField(max_length=64, blank=True, default="")
+
+    class Status(models.TextChoices):
+        COMPLETE = "", "complete"
+        STOPPED = "stopped", "stopped"
+        ERROR = "error", "error"
+
+    # How an assistant reply ended: "" (complete, and every member's message), or its partial
+    # text stopped by a member or cut by an upstream failure.
+    status = models.CharField(max_length=16, choices=Status, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:

@@ -1,0 +1,465 @@
+"""Room replies of the assistant: a message starting with ``@assistant`` gets a streamed reply.
+
+The reply belongs to the room, not to the socket that asked: it runs as a task in a
+process-level registry (``registry``), so it goes on when the requester reloads or leaves.
+Every member sees it grow through the room's channel-layer group (which crosses processes
+with Redis): ``assistant.start``, coalesced ``assistant.delta`` frames, then the stored
+``message`` (posted through ``services.post_message``, so seq stays gap-free) and
+``assistant.end``. Each frame is encoded once, by the runner.
+
+Each running reply listens on its own channel, added to two groups:
+
+- ``chat.assistant.room.<room id>``: a socket that joins mid-reply asks there for snapshots
+  (the text so far, and the index of the next delta), answered to that socket only;
+- ``chat.assistant.stream.<stream id>``: ``assistant.stop`` from any process reaches the
+  owner process; the requester or staff may stop, and the partial text is stored as stopped.
+
+Failures (upstream errors, timeouts, a malformed stream) end the reply with status ``error``
+and the partial text stored with that mark. Every path closes the upstream stream and leaves
+the registry; database work goes through ``database_sync_to_async``, which releases the
+thread's connection around each call.
+
+Limits: ``CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER`` running replies per user (counted in this
+process) and ``CHAT_ASSISTANT_RATE_LIMIT_REPLIES`` requests per window (counted from stored
+messages, so across processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, IntegrityError
+from django.utils import timezone
+
+from . import assistant_protocol as ap
+from . import protocol, services
+from .conf import app_settings
+from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+from .models import Message, Room
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+logger = logging.getLogger(__name__)
+
+REQUEST_PREFIX = "@assistant"
+_REQUEST = re.compile(r"@assistant(?![\w-])", re.IGNORECASE)
+STREAM_ID_PREFIX = "asst-"
+_END = object()
+
+
+class AssistantRefused(Exception):
+    """A reply request or stop that is not allowed now; ``code`` goes into an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def is_request(text: str) -> bool:
+    """Whether a room message asks the assistant (it starts with ``@assistant``)."""
+    return _REQUEST.match(text) is not None
+
+
+def control_group(room_id: int) -> str:
+    return f"chat.assistant.room.{room_id}"
+
+
+def stream_group(stream_id: str) -> str:
+    return f"chat.assistant.stream.{stream_id}"
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Reply:
+    """One running reply. ``text`` is what the room has been sent so far."""
+
+    stream_id: str
+    room_id: int
+    room_slug: str
+    requester_id: int
+    requested_by: dict[str, Any]
+    request_seq: int
+    demo: bool
+    user: dict[str, Any] = field(default_factory=dict)  # the assistant user's frame
+    text: str = ""
+    pending: str = ""  # received, waiting to be sent with later deltas
+    pending_since: float = 0.0
+    next_index: int = 0
+    started: bool = False  # assistant.start was broadcast: snapshots may be answered
+    stop_requested: bool = False
+    task: asyncio.Task[None] | None = None
+    next_delta: asyncio.Task[Any] | None = None
+
+    def snapshot_frame(self) -> dict[str, Any]:
+        return ap.start_frame(
+            stream_id=self.stream_id,
+            room_slug=self.room_slug,
+            user=self.user,
+            requested_by=self.requested_by,
+            request_seq=self.request_seq,
+            demo=self.demo,
+            text=self.text,
+            next_index=self.next_index,
+        )
+
+    def request_stop(self) -> None:
+        """Stop reading the model: the stream is closed and the partial text stored."""
+        self.stop_requested = True
+        if self.next_delta is not None and not self.next_delta.done():
+            self.next_delta.cancel()
+
+
+class ReplyRegistry:
+    """The replies running in this process, by stream id."""
+
+    def __init__(self) -> None:
+        self._replies: dict[str, Reply] = {}
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def get(self, stream_id: str) -> Reply | None:
+        return self._replies.get(stream_id)
+
+    def running(self, room_id: int | None = None) -> list[Reply]:
+        return [r for r in self._replies.values() if room_id is None or r.room_id == room_id]
+
+    def count_for(self, user_id: int) -> int:
+        return sum(1 for r in self._replies.values() if r.requester_id == user_id)
+
+    def add(self, reply: Reply) -> None:
+        self._replies[reply.stream_id] = reply
+
+    def discard(self, reply: Reply) -> None:
+        if self._replies.get(reply.stream_id) is reply:
+            del self._replies[reply.stream_id]
+
+    def launch(self, reply: Reply, backend: BaseLLMBackend) -> None:
+        # A fresh context: the task must not inherit the requester's (e.g. an HTTP request's
+        # thread-sensitive context, which ends with that request).
+        reply.task = asyncio.get_running_loop().create_task(
+            _run(reply, backend), context=contextvars.Context()
+        )
+        reply.task.add_done_callback(lambda _: self.discard(reply))
+
+    async def shutdown(self) -> None:
+        """Stop every reply (storing partial text) and wait for them to end."""
+        replies = list(self._replies.values())
+        for reply in replies:
+            reply.request_stop()
+        tasks = [r.task for r in replies if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+registry = ReplyRegistry()
+
+
+# --- what the consumer calls ----------------------------------------------------------------
+
+
+async def request_reply(room: Room, user: User, message: Message) -> Reply:
+    """Start a reply to ``message`` in ``room``; raise AssistantRefused when over a limit."""
+    limit = app_settings.ASSISTANT_MAX_CONCURRENT_PER_USER
+    if registry.count_for(user.pk) >= limit:
+        raise AssistantRefused(
+            ap.ASSISTANT_BUSY,
+            f"You already have {limit} assistant repl{'y' if limit == 1 else 'ies'} running: "
+            "wait for it to finish, or stop it.",
+        )
+    reply = Reply(
+        stream_id=STREAM_ID_PREFIX + uuid.uuid4().hex,
+        room_id=room.pk,
+        room_slug=room.slug,
+        requester_id=user.pk,
+        requested_by=protocol.user_frame(user),
+        request_seq=message.seq,
+        demo=False,
+    )
+    # Counted from now on, so two sockets of one user cannot both pass the check above.
+    registry.add(reply)
+    try:
+        await _check_rate(user)
+        backend = get_backend()
+    except BaseException:
+        registry.discard(reply)
+        raise
+    reply.demo = backend.is_demo
+    registry.launch(reply, backend)
+    return reply
+
+
+async def request_stop(stream_id: str, user: User, reply_to: str) -> None:
+    """Ask the process running ``stream_id`` to stop it (on behalf of ``user``)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    event = {
+        "type": "assistant.stop",
+        "stream_id": stream_id,
+        "user_id": user.pk,
+        "is_staff": bool(user.is_staff),
+        "reply_to": reply_to,
+    }
+    await layer.group_send(stream_group(stream_id), event)
+
+
+async def request_snapshots(room_id: int, reply_to: str) -> None:
+    """Ask every process for the replies running in the room, answered to ``reply_to``."""
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(
+            control_group(room_id), {"type": "assistant.snapshot", "reply_to": reply_to}
+        )
+
+
+async def _check_rate(user: User) -> None:
+    try:
+        recent = await _count_recent_requests(user.pk)
+    except DatabaseError:
+        logger.exception("Counting assistant requests failed")
+        raise AssistantRefused(
+            protocol.UNAVAILABLE, "The assistant is unavailable; retry."
+        ) from None
+    limit = app_settings.ASSISTANT_RATE_LIMIT_REPLIES
+    # The request itself is stored (and counted) before this check.
+    if recent > limit:
+        window = app_settings.ASSISTANT_RATE_LIMIT_WINDOW_SECONDS
+        raise AssistantRefused(
+            protocol.RATE_LIMITED,
+            f"At most {limit} assistant requests per {window:g} s; retry later.",
+        )
+
+
+@database_sync_to_async
+def _count_recent_requests(user_id: int) -> int:
+    since = timezone.now() - timedelta(seconds=app_settings.ASSISTANT_RATE_LIMIT_WINDOW_SECONDS)
+    return Message.objects.filter(
+        user_id=user_id, created_at__gte=since, text__istartswith=REQUEST_PREFIX
+    ).count()
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        raise ImproperlyConfigured("chat needs a channel layer (see check chat.E002).")
+    control = await layer.new_channel("chat.assistant.")
+    groups = [control_group(reply.room_id), stream_group(reply.stream_id)]
+    listener: asyncio.Task[None] | None = None
+    try:
+        for group in groups:
+            await layer.group_add(group, control)
+        listener = asyncio.create_task(_listen(reply, layer, control))
+        try:
+            assistant_user, context = await _load_context(reply)
+        except DatabaseError:
+            logger.exception("Loading the context of an assistant reply failed")
+            error = (protocol.UNAVAILABLE, "The assistant could not read the room.")
+            await _broadcast(reply, ap.end_frame(reply.stream_id, ap.ERROR, None, error))
+            return
+        reply.user = protocol.user_frame(assistant_user)
+        reply.started = True
+        await _broadcast(reply, reply.snapshot_frame())
+        status, failure = await _pump(reply, backend, context)
+        await _flush(reply)
+        await _finish(reply, assistant_user, status, failure)
+    finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        for group in groups:
+            try:
+                await layer.group_discard(group, control)
+            except Exception:
+                logger.exception("Leaving %s failed", group)
+
+
+async def _pump(
+    reply: Reply, backend: BaseLLMBackend, context: list[ChatMessage]
+) -> tuple[str, LLMError | None]:
+    """Read the model into ``reply``, sending coalesced deltas; return (status, failure)."""
+    loop = asyncio.get_running_loop()
+    coalesce_seconds = app_settings.ASSISTANT_COALESCE_SECONDS
+    coalesce_chars = app_settings.ASSISTANT_COALESCE_CHARS
+    max_chars = app_settings.ASSISTANT_MAX_REPLY_CHARS
+    deltas = backend.stream(context)
+    try:
+        while not reply.stop_requested:
+            if reply.next_delta is None:
+                # A task, so that waiting for the model can time out to send what we have
+                # (and be cancelled by a stop) without cancelling the generator itself.
+                reply.next_delta = asyncio.ensure_future(_next(deltas))
+            timeout = None
+            if reply.pending:
+                timeout = max(0.0, reply.pending_since + coalesce_seconds - loop.time())
+            done, _ = await asyncio.wait({reply.next_delta}, timeout=timeout)
+            if not done:
+                await _flush(reply)
+                continue
+            step, reply.next_delta = reply.next_delta, None
+            if step.cancelled():
+                continue  # only a stop cancels it: the loop condition ends the reply
+            try:
+                delta = step.result()
+            except LLMError as exc:
+                return ap.ERROR, exc
+            if delta is _END:
+                return ap.DONE, None
+            if not reply.pending:
+                reply.pending_since = loop.time()
+            reply.pending += delta
+            if len(reply.text) + len(reply.pending) > max_chars:
+                reply.pending = reply.pending[: max(0, max_chars - len(reply.text))]
+                too_long = f"The reply was cut at {max_chars} characters."
+                return ap.ERROR, LLMError(ap.REPLY_TOO_LONG, too_long)
+            if len(reply.pending) >= coalesce_chars:
+                await _flush(reply)
+        return ap.STOPPED, None
+    finally:
+        pending, reply.next_delta = reply.next_delta, None
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.wait({pending})
+        # aclosing semantics: a generator suspended at a yield runs its finally now.
+        await deltas.aclose()
+
+
+async def _next(deltas: Any) -> Any:
+    try:
+        return await deltas.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+async def _flush(reply: Reply) -> None:
+    """Send the waiting text as one delta (the text is the reply's before the send awaits)."""
+    if not reply.pending:
+        return
+    content, reply.pending = reply.pending, ""
+    index = reply.next_index
+    reply.next_index += 1
+    reply.text += content
+    await _broadcast(reply, ap.delta_frame(reply.stream_id, index, content))
+
+
+async def _finish(
+    reply: Reply, assistant_user: User, status: str, failure: LLMError | None
+) -> None:
+    seq = None
+    if reply.text:
+        stored_status = "" if status == ap.DONE else status
+        try:
+            seq = await _store(reply, assistant_user, stored_status)
+        except (DatabaseError, services.RateLimited):
+            logger.exception("Storing an assistant reply in room %s failed", reply.room_slug)
+            status = ap.ERROR
+            failure = LLMError(protocol.UNAVAILABLE, "The reply could not be stored.")
+    error = (failure.code, failure.message) if failure is not None else None
+    await _broadcast(reply, ap.end_frame(reply.stream_id, status, seq, error))
+
+
+async def _broadcast(reply: Reply, frame: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        event = {"type": "assistant.frame", "text": protocol.encode(frame)}
+        await layer.group_send(services.room_group(reply.room_id), event)
+
+
+async def _listen(reply: Reply, layer: Any, channel: str) -> None:
+    """Answer snapshot requests and stop requests addressed to this reply."""
+    while True:
+        event = await layer.receive(channel)
+        try:
+            await _control(reply, layer, event)
+        except Exception:
+            logger.exception("Handling %s for an assistant reply failed", event.get("type"))
+
+
+async def _control(reply: Reply, layer: Any, event: dict[str, Any]) -> None:
+    kind = event.get("type")
+    reply_to = event.get("reply_to")
+    if kind == "assistant.snapshot" and reply.started and reply_to:
+        frame = reply.snapshot_frame()
+        await layer.send(reply_to, {"type": "assistant.frame", "text": protocol.encode(frame)})
+    elif kind == "assistant.stop" and event.get("stream_id") == reply.stream_id:
+        if event.get("user_id") == reply.requester_id or event.get("is_staff"):
+            reply.request_stop()
+        elif reply_to:
+            frame = protocol.error_frame(
+                ap.ASSISTANT_FORBIDDEN, "Only the member who asked, or staff, can stop a reply."
+            )
+            await layer.send(reply_to, {"type": "assistant.frame", "text": protocol.encode(frame)})
+
+
+# --- database ---------------------------------------------------------------------------------
+
+
+@database_sync_to_async
+def _load_context(reply: Reply) -> tuple[User, list[ChatMessage]]:
+    """The assistant user, and the model's input: a system prompt and recent room history."""
+    assistant = assistant_user()
+    rows = (
+        Message.objects.filter(room_id=reply.room_id, seq__lte=reply.request_seq)
+        .select_related("user")
+        .order_by("-seq")[: app_settings.ASSISTANT_CONTEXT_MESSAGES]
+    )
+    budget = app_settings.ASSISTANT_CONTEXT_CHARS
+    history: list[ChatMessage] = []
+    for message in rows:  # newest first
+        if message.user_id == assistant.pk:
+            item = ChatMessage(role="assistant", content=message.text)
+        else:
+            item = ChatMessage(
+                role="user", content=f"{message.user.get_username()}: {message.text}"
+            )
+        if history and len(item["content"]) > budget:
+            break
+        budget -= len(item["content"])
+        history.append(item)
+    history.reverse()
+    prompt = app_settings.ASSISTANT_SYSTEM_PROMPT
+    system = [ChatMessage(role="system", content=prompt)] if prompt else []
+    return assistant, system + history
+
+
+def assistant_user() -> User:
+    """The user replies are stored as (``CHAT_ASSISTANT_USERNAME``), created if missing."""
+    model = get_user_model()
+    lookup = {model.USERNAME_FIELD: app_settings.ASSISTANT_USERNAME}
+    try:
+        return model.objects.get(**lookup)
+    except model.DoesNotExist:
+        pass
+    user = model(**lookup)
+    user.set_unusable_password()  # nobody logs in as the assistant
+    try:
+        user.save()
+    except IntegrityError:  # another process created it first
+        return model.objects.get(**lookup)
+    return user
+
+
+@database_sync_to_async
+def _store(reply: Reply, user: User, status: str) -> int:
+    result = services.post_message(
+        reply.room_id, user, reply.text, client_id=reply.stream_id, status=status, check_rate=False
+    )
+    return result.message.seq
