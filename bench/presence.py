@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from websockets.asyncio.client import connect
+from websockets.typing import Origin
 
 from tests.servers import DaphneServer, prepare_database, run_django_script
 
