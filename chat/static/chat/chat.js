@@ -428,7 +428,13 @@
     lastSeq = msg.seq;
     settleOwn(msg);
     if (stick) scrollToBottom();
-    emit("chat:message", { seq: msg.seq, user: msg.user });
+    // client_id and status let room_assistant.js swap a live reply for its stored message.
+    emit("chat:message", {
+      seq: msg.seq,
+      user: msg.user,
+      client_id: msg.client_id,
+      status: msg.status || "",
+    });
   }
 
   // Our own message came back: it is stored, so it leaves the outbox and its pending twin goes.
