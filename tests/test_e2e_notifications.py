@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from notifications.testing import SSEStream, open_stream
@@ -487,3 +488,43 @@ async def test_mention_in_chat_notifies(server: DaphneServer) -> None:
         assert (await bob_stream.notification(WAIT))["title"] == "marker"
         assert (await alice_stream.notification(WAIT))["title"] == "marker"
         assert [n["title"] for n in alice_stream.notifications()] == ["marker"]
+
+
+@pytest.mark.postgres
+async def test_concurrent_senders_on_postgresql_arrive_once_in_order(
+    postgres_env: dict[str, str], start_daphne: Callable[..., DaphneServer]
+) -> None:
+    # Three processes insert at once (daphne through the admin, two manage.py notify). The
+    # advisory lock makes ids visible in id order, which is what lets a stream fill gaps by id.
+    run_django_script(_ADD_STAFF, postgres_env, STAFF, TEST_PASSWORD)
+    server = start_daphne({**postgres_env, "NOTIFICATIONS_POLL_SECONDS": "0.5"})
+    per_sender = 15
+    async with (
+        session(server, STAFF) as staff,
+        session(server, "alice") as alice,
+        alice.stream() as stream,
+    ):
+        await stream.unread()
+
+        async def from_admin() -> None:
+            for i in range(per_sender):
+                await staff.send("alice,bob", f"admin {i}")
+
+        async def from_cli(name: str) -> None:
+            for i in range(0, per_sender, 5):
+                await acli_notify(postgres_env, "--user", "alice", "--title", f"{name} {i}")
+
+        await asyncio.gather(from_admin(), from_cli("cli-a"), from_cli("cli-b"))
+        expected = per_sender + 2 * len(range(0, per_sender, 5))
+        await stream.wait_notifications(expected, 60)
+        await asyncio.sleep(1.0)  # a duplicate would arrive by now
+        ids = stream.notification_ids()
+    assert len(ids) == expected
+    assert_unique_increasing(ids)
+    url = postgres_env["DATABASE_URL"]
+    with psycopg.connect(url.replace("postgres://", "postgresql://")) as conn:
+        rows = conn.execute(
+            "SELECT n.id FROM notifications_notification n JOIN auth_user u "
+            "ON u.id = n.recipient_id WHERE u.username = 'alice' ORDER BY n.id"
+        ).fetchall()
+    assert ids == [row[0] for row in rows]
