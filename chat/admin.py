@@ -86,13 +86,13 @@ class MembershipAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["room", "seq", "user", "short_text", "created_at"]
-    list_filter = ["room", "created_at"]
+    list_display = ["room", "seq", "user", "short_text", "status", "created_at"]
+    list_filter = ["room", "status", "created_at"]
     search_fields = ["text", "user__username", "room__slug", "client_id"]
     list_select_related = ["room", "user"]
     date_hierarchy = "created_at"
     # seq is handed out by services.post_message; editing it here would break the sequence.
-    readonly_fields = ["room", "seq", "user", "client_id", "created_at"]
+    readonly_fields = ["room", "seq", "user", "client_id", "status", "created_at"]
     ordering = ["-created_at"]
 
     @admin.display(description="text")

@@ -7,6 +7,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 
+from chat.assistant import assistant_user
 from chat.models import Room
 
 # A public demo credential for local `make run` only, printed on the console by design.
@@ -14,7 +15,7 @@ DEFAULT_PASSWORD = "demo-pass-123"  # noqa: S105
 
 
 class Command(BaseCommand):
-    help = "Create demo users (alice, bob) and the public room 'lobby' if absent."
+    help = "Create demo users (alice, bob, assistant) and the public room 'lobby' if absent."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--password", default=DEFAULT_PASSWORD)
@@ -27,6 +28,8 @@ class Command(BaseCommand):
             if not User.objects.filter(username=username).exists():
                 User.objects.create_user(username=username, password=password)
                 created_users.append(username)
+        # Room replies are stored as this user (no usable password: nobody logs in as it).
+        assistant_user()
         _, room_created = Room.objects.get_or_create(
             slug="lobby", defaults={"title": "Lobby", "is_private": False}
         )
