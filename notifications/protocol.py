@@ -88,7 +88,8 @@ def unread_json(count: int, last_id: int) -> str:
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": code, "message": message, **extra}
+    """The JSON body of an error response (the shape chat's JSON endpoints use too)."""
+    return {"error": {"code": code, "message": message, **extra}}
 
 
 # --- SSE --------------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ async def test_replay_after_last_event_id(server: DaphneServer) -> None:
             assert stream.notifications() == []
         response = await alice.client.get(STREAM, headers={"Last-Event-ID": "oops"})
         assert response.status_code == 400
-        assert response.json()["error"] == "bad_last_event_id"
+        assert response.json()["error"]["code"] == "bad_last_event_id"
 
 
 async def test_notifications_during_replay_arrive_once_in_order(
@@ -299,7 +299,7 @@ async def test_anonymous_requests_get_401(server: DaphneServer) -> None:
             response = await client.get(path, headers={"Accept": "text/event-stream"})
             assert response.status_code == 401
             assert response.headers["content-type"] == "application/json"
-            assert response.json()["error"] == "unauthenticated"
+            assert response.json()["error"]["code"] == "unauthenticated"
         # Without a CSRF token a POST is refused before anything else.
         assert (await client.post("/notifications/read-all/")).status_code == 403
 
@@ -364,8 +364,8 @@ async def test_per_user_stream_cap(server: DaphneServer) -> None:
         assert refused.status_code == 429
         assert refused.headers["content-type"] == "application/json"
         assert int(refused.headers["retry-after"]) > 0
-        assert refused.json()["error"] == "too_many_streams"
-        assert refused.json()["limit"] == 10
+        assert refused.json()["error"]["code"] == "too_many_streams"
+        assert refused.json()["error"]["limit"] == 10
         # Other users are not affected.
         async with bob.stream() as bob_stream:
             await bob_stream.unread()

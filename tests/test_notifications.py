@@ -205,7 +205,7 @@ def test_api_requires_login() -> None:
         client.get(reverse("notifications:stream")),
     ]:
         assert response.status_code == 401
-        assert response.json()["error"] == "unauthenticated"
+        assert response.json()["error"]["code"] == "unauthenticated"
 
 
 def test_list_shape_and_paging(alice_client: tuple[Client, User]) -> None:
@@ -410,7 +410,7 @@ async def test_connect_disconnect_cycles_release_everything(
     assert refused.status == 429
     assert refused.headers["retry-after"].isdigit()
     body = json.loads(await refused.read_until("}"))
-    assert body["error"] == "too_many_streams" and body["limit"] == 3
+    assert body["error"]["code"] == "too_many_streams" and body["error"]["limit"] == 3
     for request in open_requests:
         await request.read_until("event: unread")
         await request.disconnect()

@@ -160,7 +160,5 @@ def test_batch_items_refuse_garbage(raw: object) -> None:
 
 def test_error_body() -> None:
     assert protocol.error_body("too_many_streams", "m", limit=10) == {
-        "error": "too_many_streams",
-        "message": "m",
-        "limit": 10,
+        "error": {"code": "too_many_streams", "message": "m", "limit": 10}
     }
