@@ -13,7 +13,7 @@
  * its upstream stream, so the model stops generating.
  *
  * Debug hook (read-only, for tests and the console): window.assistantPanel with state,
- * turns (messages in the conversation) and lastReply.
+ * turns (messages in the conversation), lastReply and sseParser (the incremental parser).
  */
 (function () {
   "use strict";
@@ -60,6 +60,7 @@
     get lastReply() {
       return lastReply;
     },
+    sseParser, // exposed so tests can feed it chunks split at awkward places
   });
 
   function onSubmit(ev) {
