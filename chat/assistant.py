@@ -330,7 +330,9 @@ async def _pump(
                 reply.pending = reply.pending[: max(0, max_chars - len(reply.text))]
                 too_long = f"The reply was cut at {max_chars} characters."
                 return ap.ERROR, LLMError(ap.REPLY_TOO_LONG, too_long)
-            if len(reply.pending) >= coalesce_chars:
+            # The first delta goes out at once (time to first token is what people notice);
+            # later ones wait up to coalesce_seconds for company.
+            if reply.next_index == 0 or len(reply.pending) >= coalesce_chars:
                 await _flush(reply)
         return ap.STOPPED, None
     finally:

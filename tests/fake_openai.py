@@ -91,6 +91,8 @@ class RequestRecord:
     started_at: float
     status: int = 0
     tokens_sent: int = 0
+    # time.monotonic() when each content chunk was written (benchmarks: per-token latency).
+    token_times: list[float] = field(default_factory=list)
     # done | client_hangup | reset | error_status | bad_request | stalled (while still open)
     outcome: str = "open"
     ended_at: float | None = None
@@ -450,6 +452,7 @@ class FakeOpenAI:
             if pause:
                 await asyncio.sleep(pause)
             await send(self._chunk(model, {"content": token}, None))
+            record.token_times.append(time.monotonic())
             record.tokens_sent += 1
             self._changed()
         await send(self._chunk(model, {}, "stop"))
