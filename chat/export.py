@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -201,7 +201,7 @@ async def stream_export(
     after: int = 0,
     page_size: int,
     audit: str,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the export of ``rooms`` in order, one database page per chunk.
 
     Logs one line when it starts and one when it ends (``complete``, ``aborted`` when the

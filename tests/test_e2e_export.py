@@ -371,7 +371,6 @@ async def test_a_client_that_stops_reading_then_leaves_stops_the_export(
             assert "Export started: user=" in log
             assert "Export complete" not in log, "the export did not wait for its reader"
             assert "Export aborted" not in log, "the client is still connected"
-            await chunks.aclose()
     # The client has closed the connection: the export must stop, and say so.
     await _until(lambda: "Export aborted" in server.log_tail(100_000), "Export aborted logged")
     match = re.search(r"Export aborted: user=\d+ room=lobby rows=(\d+)", server.log_tail(100_000))

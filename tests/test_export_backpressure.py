@@ -31,7 +31,8 @@ class Daphne:
 
     def __init__(self) -> None:
         self.channel = HTTPChannel()
-        self.channel.callLater = Clock().callLater  # no reactor for the idle timeout
+        # No reactor for the idle timeout.
+        self.channel.callLater = Clock().callLater  # type: ignore[method-assign, assignment]
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
         self.request = Request(self.channel)
@@ -45,6 +46,10 @@ class Daphne:
     @property
     def send(self) -> Any:
         return functools.partial(self.handle_reply, self.request)
+
+
+async def no_receive() -> dict[str, Any]:
+    raise AssertionError("the middleware must not receive")
 
 
 async def settle() -> None:
@@ -82,7 +87,7 @@ async def test_other_servers_pass_through() -> None:
         sent.append(message)
 
     progress: list[int] = []
-    await DaphneBackpressure(streaming_app(3, progress))({"type": "http"}, None, send)
+    await DaphneBackpressure(streaming_app(3, progress))({"type": "http"}, no_receive, send)
     assert progress == [0, 1, 2]
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 4
 
@@ -91,7 +96,7 @@ async def test_send_waits_while_the_transport_is_paused() -> None:
     daphne = Daphne()
     progress: list[int] = []
     app = DaphneBackpressure(streaming_app(5, progress))
-    task = asyncio.create_task(app({"type": "http"}, None, daphne.send))
+    task = asyncio.create_task(app({"type": "http"}, no_receive, daphne.send))
     await settle()
     # Nothing paused yet: the app streamed everything.
     assert progress == [0, 1, 2, 3, 4]
@@ -101,7 +106,7 @@ async def test_send_waits_while_the_transport_is_paused() -> None:
     daphne = Daphne()
     progress = []
     task = asyncio.create_task(
-        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, None, daphne.send)
+        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, no_receive, daphne.send)
     )
     await settle()
     # The transport paused after chunk 1 was written: send does not return.
@@ -136,7 +141,7 @@ async def test_a_full_buffer_before_the_first_body_is_honoured() -> None:
     daphne.channel.pauseProducing()  # e.g. a previous response is still being sent
     progress: list[int] = []
     task = asyncio.create_task(
-        DaphneBackpressure(streaming_app(3, progress))({"type": "http"}, None, daphne.send)
+        DaphneBackpressure(streaming_app(3, progress))({"type": "http"}, no_receive, daphne.send)
     )
     await settle()
     assert progress == []
@@ -150,7 +155,7 @@ async def test_a_lost_connection_wakes_a_paused_send() -> None:
     daphne = Daphne()
     progress: list[int] = []
     task = asyncio.create_task(
-        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, None, daphne.send)
+        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, no_receive, daphne.send)
     )
     await settle()
     assert progress == [0]
@@ -165,7 +170,7 @@ async def test_cancelling_a_paused_send_unregisters_the_producer() -> None:
     daphne = Daphne()
     progress: list[int] = []
     task = asyncio.create_task(
-        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, None, daphne.send)
+        DaphneBackpressure(pausing_app(daphne, progress))({"type": "http"}, no_receive, daphne.send)
     )
     await settle()
     assert daphne.channel._requestProducer is not None
@@ -183,7 +188,7 @@ async def test_an_error_after_the_response_started_aborts_the_connection() -> No
         await send(body(b"partial", True))
         raise RuntimeError("database went away")
 
-    await DaphneBackpressure(app)({"type": "http", "path": "/x"}, None, daphne.send)
+    await DaphneBackpressure(app)({"type": "http", "path": "/x"}, no_receive, daphne.send)
     assert daphne.transport.disconnecting  # aborted: the client sees a cut response
 
 
@@ -194,5 +199,5 @@ async def test_an_error_before_the_response_started_propagates() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        await DaphneBackpressure(app)({"type": "http"}, None, daphne.send)
+        await DaphneBackpressure(app)({"type": "http"}, no_receive, daphne.send)
     assert not daphne.transport.disconnecting

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.contrib.auth.models import User
 
@@ -69,8 +71,8 @@ def fill(room: Room, user: User, seqs: range | list[int]) -> None:
     Message.objects.bulk_create(Message(room=room, seq=s, user=user, text=f"m{s}") for s in seqs)
 
 
-def page_seqs(page: dict[str, object]) -> list[int]:
-    return [m["seq"] for m in page["messages"]]  # type: ignore[attr-defined, index]
+def page_seqs(page: dict[str, Any]) -> list[int]:
+    return [m["seq"] for m in page["messages"]]
 
 
 def test_latest_page_oldest_first(room_with: tuple[Room, User]) -> None:
@@ -93,7 +95,7 @@ def test_walking_back_reaches_the_first_message(room_with: tuple[Room, User]) ->
         if not page["has_more"]:
             assert page["next_before"] is None
             break
-        before = page["next_before"]  # type: ignore[assignment]
+        before = page["next_before"]
     assert seen == [[7, 8, 9, 10], [3, 4, 5, 6], [1, 2]]
 
 
