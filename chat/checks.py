@@ -22,6 +22,9 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_RATE_LIMIT_MESSAGES": app_settings.RATE_LIMIT_MESSAGES,
         "CHAT_RATE_LIMIT_WINDOW_SECONDS": app_settings.RATE_LIMIT_WINDOW_SECONDS,
         "CHAT_REPLAY_BATCH_SIZE": app_settings.REPLAY_BATCH_SIZE,
+        "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
+        "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
+        "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -44,6 +47,15 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 "in UTF-8 (4 bytes per character): long non-ASCII messages will be refused "
                 "as too large instead of too long.",
                 id="chat.W001",
+            )
+        )
+    if app_settings.HISTORY_PAGE_SIZE > app_settings.HISTORY_PAGE_MAX:
+        errors.append(
+            Warning(
+                f"CHAT_HISTORY_PAGE_SIZE ({app_settings.HISTORY_PAGE_SIZE}) is above "
+                f"CHAT_HISTORY_PAGE_MAX ({app_settings.HISTORY_PAGE_MAX}): history pages "
+                "requested without a limit are cut to the maximum.",
+                id="chat.W301",
             )
         )
     return errors

@@ -137,3 +137,17 @@ def test_messages_are_message_frames(room_with: tuple[Room, User]) -> None:
         for m in Message.objects.filter(room=room).select_related("user").order_by("seq")
     ]
     assert page["messages"] == expected
+
+
+def test_system_checks_cover_the_paging_and_export_settings() -> None:
+    from django.test import override_settings
+
+    from chat.checks import check_chat_settings
+
+    with override_settings(CHAT_EXPORT_PAGE_SIZE=0, CHAT_HISTORY_PAGE_MAX=-1):
+        messages = [m.msg for m in check_chat_settings() if m.id == "chat.E001"]
+    assert any("CHAT_EXPORT_PAGE_SIZE" in m for m in messages)
+    assert any("CHAT_HISTORY_PAGE_MAX" in m for m in messages)
+    with override_settings(CHAT_HISTORY_PAGE_SIZE=500):
+        assert "chat.W301" in [m.id for m in check_chat_settings()]
+    assert not [m for m in check_chat_settings() if m.id in ("chat.E001", "chat.W301")]
