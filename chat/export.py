@@ -12,6 +12,7 @@ message frame; a CSV row is the same fields, flattened. docs/protocol.md describ
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -31,7 +32,17 @@ from .paging import BadParameter
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("seq", "id", "room", "user_id", "username", "text", "client_id", "created_at")
+CSV_COLUMNS = (
+    "seq",
+    "id",
+    "room",
+    "user_id",
+    "username",
+    "text",
+    "client_id",
+    "created_at",
+    "status",
+)
 # Spreadsheets evaluate a cell that starts with one of these (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # Excel reads a CSV file as UTF-8 only when it starts with a byte order mark.
@@ -63,6 +74,7 @@ def csv_cells(frame: Mapping[str, Any]) -> list[Any]:
         neutralise_cell(frame["text"]),
         neutralise_cell(frame["client_id"] or ""),
         frame["created_at"],
+        frame.get("status", ""),
     ]
 
 
@@ -133,11 +145,14 @@ class _Row:
     text: str
     client_id: str
     created_at: datetime
+    status: str
 
 
 def frame_from_values(row: Mapping[str, Any], room_slug: str, username_key: str) -> dict[str, Any]:
     """The message frame of one ``values()`` row (see ``row_fields``), via message_frame."""
-    message = _Row(row["id"], row["seq"], row["text"], row["client_id"], row["created_at"])
+    message = _Row(
+        row["id"], row["seq"], row["text"], row["client_id"], row["created_at"], row["status"]
+    )
     return protocol.message_frame(message, room_slug, _Author(row["user_id"], row[username_key]))
 
 
@@ -147,7 +162,7 @@ def username_key() -> str:
 
 
 def row_fields() -> tuple[str, ...]:
-    return ("seq", "id", "text", "client_id", "created_at", "user_id", username_key())
+    return ("seq", "id", "text", "client_id", "created_at", "status", "user_id", username_key())
 
 
 # --- the stream ----------------------------------------------------------------------------
@@ -209,6 +224,8 @@ async def stream_export(
     """
     rows = 0
     outcome = "aborted"
+    pending: asyncio.Future[Page] | None = None
+    aread_page = sync_to_async(read_page)
     logger.info("Export started: %s format=%s after=%d", audit, fmt.name, after)
     try:
         # The first chunk goes out before any query: the client gets the status line and
@@ -216,22 +233,38 @@ async def stream_export(
         yield fmt.header()
         limit = min(page_size, FIRST_PAGE_ROWS)
         for room in rooms:
-            last = after
-            while last < room.upto:
-                page = await sync_to_async(read_page)(room, last, limit, fmt)
+            if after >= room.upto:
+                continue
+            pending = asyncio.ensure_future(aread_page(room, after, limit, fmt))
+            while pending is not None:
+                page = await pending
+                pending = None
                 if not page.rows:
                     break
                 rows += page.rows
-                last = page.last_seq
-                yield page.data
                 limit = next_page_size(page, page_size)
+                if page.last_seq < room.upto:
+                    # Read the next page while this one is sent: with backpressure the two
+                    # would otherwise take turns (half the throughput, measured).
+                    pending = asyncio.ensure_future(aread_page(room, page.last_seq, limit, fmt))
+                yield page.data
         outcome = "complete"
     except Exception:
         outcome = "failed"
         logger.exception("Export failed: %s", audit)
         raise
     finally:
+        if pending is not None:
+            # The thread finishes its page (and releases its connection) on its own.
+            pending.cancel()
+            pending.add_done_callback(_forget)
         logger.info("Export %s: %s rows=%d", outcome, audit, rows)
+
+
+def _forget(future: asyncio.Future[Page]) -> None:
+    # Retrieve the outcome of an abandoned read so asyncio does not log it as unhandled.
+    if not future.cancelled():
+        future.exception()
 
 
 def export_response(

@@ -139,6 +139,7 @@ def csv_rows(body: bytes) -> list[list[str]]:
         "text",
         "client_id",
         "created_at",
+        "status",
     ]
     return rows[1:]
 
@@ -158,6 +159,7 @@ def expected_csv(frame: dict[str, Any]) -> list[str]:
         safe(frame["text"]),
         safe(frame["client_id"] or ""),
         frame["created_at"],
+        frame.get("status", ""),
     ]
 
 

@@ -67,7 +67,12 @@ def test_csv_header_has_bom_and_columns() -> None:
 
 def test_csv_row_fields_follow_the_frame() -> None:
     data = export.encode_csv([frame(seq=5, text="hi", client_id="c-1")])
-    assert data == b"5,105,lobby,7,alice,hi,c-1,2026-11-21T06:00:00.123456+00:00\r\n"
+    assert data == b"5,105,lobby,7,alice,hi,c-1,2026-11-21T06:00:00.123456+00:00,\r\n"
+
+
+def test_csv_status_of_an_assistant_reply() -> None:
+    (row,) = parse_csv(export.encode_csv([frame(status="stopped")]))
+    assert row[export.CSV_COLUMNS.index("status")] == "stopped"
 
 
 def test_csv_null_client_id_is_an_empty_cell() -> None:
@@ -152,19 +157,20 @@ def test_frame_from_values_equals_message_frame_of_the_instance() -> None:
     user = User.objects.create_user(username="zoë", password="x")
     room = Room.objects.create(slug="lobby", title="Lobby")
     created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
-    for seq, client_id in [(1, ""), (2, "cid-2")]:
+    for seq, client_id, status in [(1, "", ""), (2, "cid-2", ""), (3, "asst-1", "stopped")]:
         message = Message.objects.create(
-            room=room, seq=seq, user=user, text=f"t{seq} ✓", client_id=client_id
+            room=room, seq=seq, user=user, text=f"t{seq} ✓", client_id=client_id, status=status
         )
         Message.objects.filter(pk=message.pk).update(created_at=created)
-    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=2)
+    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=3)
     rows = list(Message.objects.order_by("seq").values(*export.row_fields()))
     from_values = [export.frame_from_values(r, room.slug, export.username_key()) for r in rows]
     instances = Message.objects.select_related("user").order_by("seq")
     assert from_values == [protocol.message_frame(m, room.slug, m.user) for m in instances]
+    assert from_values[2]["status"] == "stopped" and "status" not in from_values[0]
     page = export.read_page(snapshot, 0, 10, export.FORMATS["ndjson"])
-    assert page.rows == 2
-    assert page.last_seq == 2
+    assert page.rows == 3
+    assert page.last_seq == 3
     assert [json.loads(line) for line in page.data.decode().splitlines()] == from_values
 
 
