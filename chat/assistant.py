@@ -281,6 +281,9 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
         status, failure = await _pump(reply, backend, context)
         await _flush(reply)
         await _finish(reply, assistant_user, status, failure)
+    except Exception:
+        # Nothing else awaits this task: log here (backend errors never carry the key).
+        logger.exception("Assistant reply %s in room %s failed", reply.stream_id, reply.room_slug)
     finally:
         if listener is not None:
             listener.cancel()
@@ -370,7 +373,7 @@ async def _finish(
         stored_status = "" if status == ap.DONE else status
         try:
             seq = await _store(reply, assistant_user, stored_status)
-        except (DatabaseError, services.RateLimited):
+        except (DatabaseError, services.RateLimited, Room.DoesNotExist):
             logger.exception("Storing an assistant reply in room %s failed", reply.room_slug)
             status = ap.ERROR
             failure = LLMError(protocol.UNAVAILABLE, "The reply could not be stored.")

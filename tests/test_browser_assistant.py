@@ -277,3 +277,21 @@ def test_room_reply_completes_and_a_late_joiner_sees_it_grow(
         assert last.locator(".text").text_content() == "".join(tokens)
     alice.context.close()
     carol.context.close()
+
+
+def test_room_reply_that_fails_before_any_text_shows_why(
+    browser: Browser,
+    server: DaphneServer,
+    fake_openai: FakeOpenAI,  # noqa: F811
+) -> None:
+    fake_openai.scenario = Scenario(status=401)
+    bob = logged_in_page(browser, server, "bob", "/chat/lobby/")
+    expect(bob.get_by_test_id("conn-state")).to_have_attribute("data-state", "connected")
+    bob.get_by_test_id("text").fill("@assistant are you there?")
+    bob.get_by_test_id("send").click()
+    failed = bob.locator("li[data-stream-id][data-status=error]")
+    expect(failed.locator(".reply-status")).to_have_text("failed")
+    expect(failed.locator(".text")).to_contain_text("credentials")
+    expect(failed.locator("[data-testid=assistant-stop]")).to_have_count(0)
+    assert KEY not in bob.content()
+    bob.context.close()

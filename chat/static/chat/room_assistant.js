@@ -88,9 +88,10 @@
     if (stop) stop.remove();
     if (frame.seq === null || frame.seq === undefined) {
       // Nothing was stored: this bubble is all members will see of it until they reload.
-      s.li.dataset.status = "error";
-      const reason = frame.error ? frame.error.message : "The reply failed.";
+      s.li.dataset.status = frame.status;
+      const reason = frame.error ? frame.error.message : "";
       setStatus(s.li, STATUS_LABELS[frame.status] || frame.status, reason);
+      if (reason && !s.text) s.textEl.textContent = reason;
       delete s.li.dataset.clientId; // not waiting for a stored message any more
       streams.delete(frame.stream_id);
     } else {
