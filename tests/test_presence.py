@@ -29,7 +29,9 @@ def entry(conn: str, uid: int, name: str, expires: float = 100.0) -> Entry:
 
 
 def test_three_tabs_are_one_user_with_three_connections() -> None:
-    state = aggregate([entry("a1", 1, "alice"), entry("a2", 1, "alice"), entry("a3", 1, "alice")], 0)
+    state = aggregate(
+        [entry("a1", 1, "alice"), entry("a2", 1, "alice"), entry("a3", 1, "alice")], 0
+    )
     assert state == {1: UserPresence(1, "alice", 3)}
 
 

@@ -63,7 +63,9 @@ class Client:
         data = json.loads(await self.comm.receive_from(timeout=timeout))
         self.frames.extend(data if isinstance(data, list) else [data])
 
-    async def until(self, frame_type: str, timeout: float = TIMEOUT, **match: Any) -> dict[str, Any]:
+    async def until(
+        self, frame_type: str, timeout: float = TIMEOUT, **match: Any
+    ) -> dict[str, Any]:
         """Return the first not yet consumed frame of this type (and fields), waiting for it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -121,7 +123,11 @@ async def test_presence_state_on_connect_and_diffs(users: tuple[User, User], roo
 
     b = await Client(bob, "lobby").connect()
     diff = await a.until("presence_diff")
-    assert diff == {"type": "presence_diff", "joins": [{"id": bob.pk, "username": "bob"}], "leaves": []}
+    assert diff == {
+        "type": "presence_diff",
+        "joins": [{"id": bob.pk, "username": "bob"}],
+        "leaves": [],
+    }
 
     # A second and third tab of bob: one presence entry, and no diff for alice.
     b2 = await Client(bob, "lobby").connect()
@@ -164,7 +170,11 @@ async def test_typing_is_relayed_to_others_only_and_throttled(
     b = await Client(bob, "lobby").connect()
     await a.send({"type": "typing", "active": True})
     frame = await b.until("typing")
-    assert frame == {"type": "typing", "user": {"id": alice.pk, "username": "alice"}, "active": True}
+    assert frame == {
+        "type": "typing",
+        "user": {"id": alice.pk, "username": "alice"},
+        "active": True,
+    }
     # Within the throttle interval, further "active" frames are not relayed.
     await a.send({"type": "typing", "active": True})
     await a.send({"type": "typing", "active": True})

@@ -133,7 +133,7 @@ def test_server_frames() -> None:
     }
     assert protocol.ack_frame("c1", 5) == {"type": "ack", "client_id": "c1", "seq": 5}
     assert protocol.ack_frame("", 5)["client_id"] is None
-    assert protocol.pong_frame() == {"type": "pong"}
+    assert protocol.pong_frame(7) == {"type": "pong", "last_seq": 7}
     assert protocol.error_frame("bad_json", "nope") == {
         "type": "error",
         "code": "bad_json",
