@@ -391,6 +391,11 @@
       .catch(() => {});
   });
   window.addEventListener("pagehide", disconnect);
+  window.addEventListener("pageshow", (event) => {
+    if (event.persisted && isLeader) {
+      connect(); // restored from the back/forward cache: resume with ?last_event_id=
+    }
+  });
 
   // Followers learn the count from the list; the leader's stream sends it too.
   loadList();
