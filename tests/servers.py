@@ -54,14 +54,20 @@ def require_binary(name: str) -> str:
     """Return the path of an installed program; skip (fail when CI=true) if it is missing."""
     path = shutil.which(name)
     if path is None:
-        candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
-        path = candidates[0] if candidates else None
+        candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+        path = max(candidates, key=_postgres_version, default=None)
     if path is not None:
         return path
     message = f"{name} is not installed (apt-get install redis-server postgresql chromium)."
     if os.environ.get("CI") == "true":
         pytest.fail(f"{message} CI=true: missing services are failures.", pytrace=False)
     pytest.skip(message)
+
+
+def _postgres_version(path: str) -> tuple[int, ...]:
+    """(15,) for /usr/lib/postgresql/15/bin/initdb: the newest installed version wins."""
+    version = Path(path).parent.parent.name
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def free_port() -> int:
@@ -206,7 +212,9 @@ class PostgresServer(_Process):
 
     def __init__(self, port: int | None = None) -> None:
         self.initdb = require_binary("initdb")
-        self.postgres = require_binary("postgres")
+        # The server must be the version of the initdb that made the cluster.
+        sibling = Path(self.initdb).resolve().parent / "postgres"
+        self.postgres = str(sibling) if sibling.exists() else require_binary("postgres")
         super().__init__()
         self.port = port or free_port()
         self.data_dir = self.tmpdir / "data"

@@ -86,7 +86,7 @@ async def test_hello_frame_shape(daphne: DaphneServer) -> None:
     assert hello["last_seq"] == 0
     # An empty room sends no history: the next frame answers our ping.
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong"}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
     await ws.close()
 
 
@@ -320,15 +320,21 @@ async def test_ping_pong(daphne: DaphneServer) -> None:
     await recv_chat_frames(ws)
     for _ in range(3):
         await ws.send('{"type":"ping"}')
-        assert await recv_chat_frames(ws) == [{"type": "pong"}]
+        assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
+    # The pong's last_seq is never below what this socket delivered.
+    client = ChatClient(ws)
+    await client.post("hi", "c1")
+    await client.wait_seq(1)
+    await client.send({"type": "ping"})
+    assert await client.wait_for(lambda f: f["type"] == "pong") == {"type": "pong", "last_seq": 1}
     await ws.close()
 
 
 async def test_array_of_client_frames(daphne: DaphneServer, sqlite_env: dict[str, str]) -> None:
     alice = await ChatClient.open(daphne, await login(daphne.base_url, "alice"))
     await alice.ws.send('[{"type":"ping"},{"type":"ping"}]')
-    assert await alice.next_frame() == {"type": "pong"}
-    assert await alice.next_frame() == {"type": "pong"}
+    assert await alice.next_frame() == {"type": "pong", "last_seq": 0}
+    assert await alice.next_frame() == {"type": "pong", "last_seq": 0}
 
     # Frames are handled in order, and a bad one does not stop the others.
     batch = [
@@ -486,9 +492,35 @@ async def test_rejected_frame(
     assert error.get("client_id") == client_id
     # The socket stays open and usable.
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong"}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
     await ws.close()
     assert stored_last_seq(shared_env) == before == 0
+    assert stored(shared_env) == []
+
+
+# A lone UTF-16 surrogate is valid JSON ("\ud800") but no valid text: it cannot be stored or
+# encoded as UTF-8. Today the consumer crashes on it (UnicodeEncodeError in post_message) and
+# daphne closes the socket with 1011, instead of answering bad_frame.
+SURROGATE_CASES = {
+    "surrogate-in-text": '{"type":"message","text":"a\\ud800b","client_id":"c-s"}',
+    "surrogate-in-client-id": '{"type":"message","text":"ok","client_id":"c\\udc80"}',
+}
+
+
+@pytest.mark.xfail(
+    strict=True, raises=ConnectionClosed, reason="chat bug: lone surrogate closes with 1011"
+)
+@pytest.mark.parametrize("sent", SURROGATE_CASES.values(), ids=SURROGATE_CASES.keys())
+async def test_lone_surrogate_is_bad_frame(
+    shared_daphne: DaphneServer, shared_env: dict[str, str], shared_cookie: str, sent: str
+) -> None:
+    client = ChatClient(await ws_connect(shared_daphne, "/ws/chat/lobby/", shared_cookie))
+    assert (await client.next_frame())["type"] == "hello"
+    await client.ws.send(sent)
+    answer = await client.next_frame()
+    assert answer["type"] == "error" and answer["code"] == "bad_frame", answer
+    assert await client.ping() == []
+    await client.close()
     assert stored(shared_env) == []
 
 
@@ -502,7 +534,7 @@ async def test_too_large_below_daphne_limit(
     frames = await recv_chat_frames(ws)
     assert [(f["type"], f["code"]) for f in frames] == [("error", "too_large")]
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong"}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
     assert stored(sqlite_env) == []
     await ws.close()
 

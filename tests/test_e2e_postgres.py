@@ -164,3 +164,17 @@ def test_post_message_from_many_os_processes(request: pytest.FixtureRequest, dat
     else:
         stored = sqlite_seqs(env["SQLITE_PATH"])
     assert stored == (list(range(1, total + 1)), total)
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, reason="chat bug: NUL in client_id is 'unavailable' on PostgreSQL")
+async def test_nul_in_client_id_is_not_unavailable(
+    start_daphne: Callable[..., DaphneServer], postgres_env: dict[str, str]
+) -> None:
+    # PostgreSQL text cannot hold NUL. The protocol refuses NUL in text (bad_frame) but not in
+    # client_id, so the insert fails and the client is told "unavailable": retry, forever.
+    server = start_daphne(postgres_env)
+    client = await ChatClient.open(server, await login(server.base_url, "alice"))
+    await client.ws.send('{"type":"message","text":"ok","client_id":"n\\u0000"}')
+    answer = await client.wait_for(lambda f: f["type"] in ("ack", "error"))
+    assert answer["type"] == "ack" or answer["code"] == "bad_frame", answer
