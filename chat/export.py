@@ -4,7 +4,9 @@ An export reads ``seq > last`` pages of ``values()`` rows in seq order, one quer
 so memory does not depend on the room's size: no model instances, no server-side cursor
 (PostgreSQL materialises a WITH HOLD cursor's whole result first in async code). Each page is
 read, encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader
-holds no database connection between pages and a cancelled export cannot leave one open.
+holds no database connection between pages and a cancelled export cannot leave one open. The
+next page is read while the current one is sent; ``chat.backpressure`` makes that sending wait
+for the client under daphne, so at most about two pages are held per export.
 
 Every row is built with ``protocol.message_frame``: an NDJSON line is exactly the WebSocket
 message frame; a CSV row is the same fields, flattened. docs/protocol.md describes both.
