@@ -615,28 +615,62 @@ async def test_unavailable_when_database_locked(
 
 
 @pytest.mark.parametrize("query", ["after=0", ""])
+@pytest.mark.parametrize("sending", ["after-hello", "while-connecting"])
 async def test_messages_sent_while_history_is_read(
-    start_daphne: Callable[..., DaphneServer], sqlite_env: dict[str, str], query: str
+    start_daphne: Callable[..., DaphneServer],
+    sqlite_env: dict[str, str],
+    query: str,
+    sending: str,
 ) -> None:
     seed_messages(sqlite_env, "lobby", 500)
     # Small batches: the history takes many database round trips, interleaved with the sends.
     server = start_daphne({**sqlite_env, "CHAT_REPLAY_BATCH_SIZE": "7"})
-    bob = await ChatClient.open(server, await login(server.base_url, "bob"))
+    # Three senders, ten messages each: several sends are queued at any time.
+    cookies = [await login(server.base_url, name) for name in ("bob", "carol", "bob")]
+    senders = [await ChatClient.open(server, cookie) for cookie in cookies]
     alice_cookie = await login(server.base_url, "alice")
+    path = "/ws/chat/lobby/" + (f"?{query}" if query else "")
+    readers: list[ChatClient] = []
 
-    reader = ChatClient(
-        await ws_connect(server, "/ws/chat/lobby/" + (f"?{query}" if query else ""), alice_cookie)
-    )
-    reader.hello = await reader.next_frame()
-    assert reader.hello["last_seq"] == 500
-    # The history is still on its way: send now, without waiting for acks.
-    for n in range(30):
-        await bob.send({"type": "message", "text": f"live {n}", "client_id": f"live-{n}"})
-    for n in range(30):
-        ack = await bob.wait_for(lambda f: f["type"] == "ack")
-        assert ack["client_id"] == f"live-{n}"
-    await reader.wait_seq(530, timeout=30)
-    assert await reader.ping() == []
-    first = 1 if query else 451
-    assert reader.seqs() == list(range(first, 531))
-    assert [f["text"] for f in reader.messages()[-30:]] == [f"live {n}" for n in range(30)]
+    async def send_round(n: int) -> None:
+        for index, sender in enumerate(senders):
+            await sender.send(
+                {"type": "message", "text": f"s{index}-{n}", "client_id": f"{index}-{n}"}
+            )
+
+    if sending == "while-connecting":
+        # Readers join the room and read last_seq while messages are being committed: a
+        # message committed in between arrives both live and in the history, and must be
+        # delivered once. Each reader is one more chance to hit that window.
+        for n in range(10):
+            await send_round(n)
+            if n % 2:
+                readers.append(ChatClient(await ws_connect(server, path, alice_cookie)))
+    else:
+        readers.append(ChatClient(await ws_connect(server, path, alice_cookie)))
+        readers[0].hello = await readers[0].next_frame()
+        assert readers[0].hello["last_seq"] == 500
+        # The history is still on its way: send now, without waiting for acks.
+        for n in range(10):
+            await send_round(n)
+
+    acked = []
+    for index, sender in enumerate(senders):
+        for n in range(10):
+            ack = await sender.wait_for(lambda f: f["type"] in ("ack", "error"), timeout=30)
+            assert ack["type"] == "ack" and ack["client_id"] == f"{index}-{n}", ack
+            acked.append(ack["seq"])
+    assert sorted(acked) == list(range(501, 531))
+    for reader in readers:
+        if not reader.hello:
+            reader.hello = await reader.next_frame()
+        last_seq = reader.hello["last_seq"]
+        assert 500 <= last_seq <= 530
+        await reader.wait_seq(530, timeout=30)
+        assert await reader.ping() == []
+        first = 1 if query else last_seq - 49
+        assert reader.seqs() == list(range(first, 531)), f"reader with last_seq {last_seq}"
+        texts = {f["seq"]: f["text"] for f in reader.messages()}
+        assert sorted(texts[seq] for seq in range(501, 531)) == sorted(
+            f"s{index}-{n}" for index in range(3) for n in range(10)
+        )
