@@ -28,7 +28,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Loose on purpose: Django's and Channels' handlers each type scope and messages differently.
+ASGIApp = Callable[..., Awaitable[None]]
 
 
 def twisted_request(send: Send) -> Any | None:
