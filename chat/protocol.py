@@ -88,6 +88,20 @@ class ProtocolError(Exception):
         self.message = message
 
 
+def _storable(value: str) -> bool:
+    """False for strings no database can store: NUL (PostgreSQL text), lone surrogates.
+
+    JSON escapes such as "\\ud800" decode to surrogates that are not valid UTF-8.
+    """
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameError:
     client_id = obj.get("client_id", "")
     if client_id is None:
@@ -96,6 +110,8 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
         return FrameError(BAD_FRAME, "client_id must be a string.")
     if len(client_id) > MAX_CLIENT_ID_LENGTH:
         return FrameError(BAD_FRAME, f"client_id is longer than {MAX_CLIENT_ID_LENGTH} characters.")
+    if not _storable(client_id):
+        return FrameError(BAD_FRAME, "client_id must be valid Unicode text without NUL.")
     cid = client_id or None
     text = obj.get("text")
     if not isinstance(text, str):
@@ -106,8 +122,8 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
         return FrameError(
             TOO_LONG, f"text is longer than {limits.max_text_length} characters.", cid
         )
-    if "\x00" in text:
-        return FrameError(BAD_FRAME, "text must not contain NUL characters.", cid)
+    if not _storable(text):
+        return FrameError(BAD_FRAME, "text must be valid Unicode text without NUL.", cid)
     return SendMessage(text=text, client_id=client_id)
 
 

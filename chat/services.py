@@ -17,6 +17,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.apps import apps
+from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -99,6 +100,10 @@ async def arecent_last_seq(room_id: int, max_age_seconds: float) -> int:
 
 
 def _check_rate(user: User) -> None:
+    # The room lock serialises senders of one room; the limit is per user over all rooms, so
+    # also queue this user's concurrent sends (other rooms, other processes) on their row.
+    # A no-op on SQLite, where writers are serialised anyway.
+    get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk").first()
     window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
     # Counting stored messages needs no extra state and holds across processes and tabs.
     recent = Message.objects.filter(user=user, created_at__gte=timezone.now() - window).count()

@@ -507,9 +507,6 @@ SURROGATE_CASES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ConnectionClosed, reason="chat bug: lone surrogate closes with 1011"
-)
 @pytest.mark.parametrize("sent", SURROGATE_CASES.values(), ids=SURROGATE_CASES.keys())
 async def test_lone_surrogate_is_bad_frame(
     shared_daphne: DaphneServer, shared_env: dict[str, str], shared_cookie: str, sent: str

@@ -167,7 +167,6 @@ def test_post_message_from_many_os_processes(request: pytest.FixtureRequest, dat
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason="chat bug: NUL in client_id is 'unavailable' on PostgreSQL")
 async def test_nul_in_client_id_is_not_unavailable(
     start_daphne: Callable[..., DaphneServer], postgres_env: dict[str, str]
 ) -> None:
