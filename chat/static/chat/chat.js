@@ -27,7 +27,8 @@
  * outboxLength, sessions (hellos received), config, reconnectNow() and sendFrame(frame).
  *
  * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
- * "chat:message" {seq, user} after a message is rendered, and "chat:frame" (the frame) for
+ * "chat:message" {seq, user, client_id, status, older} after a message is rendered (older:
+ * true for pages of older history), and "chat:frame" (the frame) for
  * frame types this file does not handle (presence, typing, read markers).
  */
 (function () {
@@ -167,6 +168,12 @@
       reconnectNow: () => dropConnection("debug", true),
       // For companion scripts (presence.js): send a frame on the live socket, if any.
       sendFrame: (frame) => session && sendFrame(frame),
+      // For history.js: older pages go above everything shown.
+      prependOlder,
+      get oldestSeq() {
+        const first = els.list.querySelector("li[data-seq]");
+        return first ? Number(first.dataset.seq) : null;
+      },
     });
   }
 
@@ -435,6 +442,35 @@
       client_id: msg.client_id,
       status: msg.status || "",
     });
+  }
+
+  // Older history (oldest first) from GET .../messages/?before=: insert each message with a
+  // seq below the oldest shown, skip any already on screen, and keep the view where it was.
+  function prependOlder(frames) {
+    const list = els.list;
+    const first = list.querySelector("li[data-seq]");
+    const anchor = first || list.querySelector("li[data-client-id]");
+    const oldest = first ? Number(first.dataset.seq) : Infinity;
+    const heightBefore = list.scrollHeight;
+    let added = 0;
+    for (const msg of frames) {
+      if (!Number.isInteger(msg.seq) || msg.seq >= oldest) continue;
+      if (list.querySelector(`li[data-seq="${msg.seq}"]`)) continue;
+      const li = messageElement(msg.user && msg.user.username, msg.text, msg.created_at);
+      li.dataset.seq = String(msg.seq);
+      if (isMine(msg)) li.classList.add("mine");
+      list.insertBefore(li, anchor);
+      added += 1;
+      emit("chat:message", {
+        seq: msg.seq,
+        user: msg.user,
+        client_id: msg.client_id,
+        status: msg.status || "",
+        older: true,
+      });
+    }
+    list.scrollTop += list.scrollHeight - heightBefore;
+    return added;
   }
 
   // Our own message came back: it is stored, so it leaves the outbox and its pending twin goes.

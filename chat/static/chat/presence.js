@@ -120,6 +120,7 @@
   }
 
   function onMessage(detail) {
+    if (detail.older) return; // a page of old history says nothing about now
     lastSeq = Math.max(lastSeq, detail.seq);
     // Someone who just sent a message has stopped typing it.
     if (detail.user) clearTypist(String(detail.user.id));
