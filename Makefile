@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# Daphne refuses (close 1009) WebSocket messages above this many bytes; the chat consumer's
-# own limit (CHAT_MAX_FRAME_BYTES, 64 KiB) answers smaller oversize frames with an error.
+# Daphne drops a WebSocket whose message exceeds this many bytes before buffering it. Same as
+# the chat consumer's own limit (CHAT_MAX_FRAME_BYTES), which protects hosts that run daphne
+# with its 1 MiB default by answering `too_large`.
 WS_MAX_BYTES ?= 65536
 
 .PHONY: run setup setup-dev migrate demo test lint format clean
