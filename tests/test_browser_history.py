@@ -3,6 +3,7 @@ also while live messages keep arriving."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -71,3 +72,24 @@ def test_a_failed_page_can_be_retried(
     page.get_by_test_id("load-older").click()
     expect(page.locator("[data-testid=messages] li[data-seq]")).to_have_count(60)
     assert shown_seqs(page) == list(range(1, 61))
+
+
+def test_a_link_to_an_old_message_pages_back_to_it(
+    browser: Browser,
+    page_errors: list[str],
+    start_daphne: Callable[..., DaphneServer],
+    sqlite_env: dict[str, str],
+) -> None:
+    seed_messages(sqlite_env, "lobby", SEEDED)
+    server = start_daphne(sqlite_env)
+    context = new_context(browser, page_errors)
+    open_room(context, server, "alice")  # logs in
+    page = context.new_page()
+    page.goto(f"{server.base_url}/chat/lobby/#seq-10")
+    target = page.locator("[data-testid=messages] li[data-seq='10']")
+    expect(target).to_have_class(re.compile(r"\bhighlight\b"), timeout=20_000)
+    expect(target).to_be_in_viewport()
+    # Paging stopped at the page holding it: no gap between it and the live end.
+    seqs = shown_seqs(page)
+    assert seqs == list(range(seqs[0], SEEDED + 1))
+    assert seqs[0] <= 10

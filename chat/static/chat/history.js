@@ -26,6 +26,34 @@
   // The first history batch decides whether there is anything older at all.
   root.addEventListener("chat:message", update);
 
+  // A link to one message (notifications link mentions as /chat/<slug>/#seq-<n>): page back
+  // until it is on screen, then show it.
+  const wanted = /^#seq-(\d+)$/.exec(location.hash);
+  let target = wanted ? Number(wanted[1]) : null;
+  if (target !== null) {
+    root.addEventListener("chat:message", (event) => {
+      // Mid-page the list is half built: look again once the page is complete.
+      if (!event.detail.older) seekTarget();
+    });
+  }
+
+  function seekTarget() {
+    if (target === null) return;
+    const li = list.querySelector(`li[data-seq="${target}"]`);
+    if (li) {
+      target = null;
+      li.classList.add("highlight");
+      li.scrollIntoView({ block: "center" });
+      return;
+    }
+    const oldest = oldestSeq();
+    if (oldest === null || oldest < target || exhausted) {
+      target = null; // not in this room's history any more
+      return;
+    }
+    if (!loading) loadOlder().then(seekTarget);
+  }
+
   function oldestSeq() {
     return window.chatClient ? window.chatClient.oldestSeq : null;
   }
