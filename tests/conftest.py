@@ -77,6 +77,9 @@ def base_env(**extra: str) -> dict[str, str]:
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "CHAT_RATE_LIMIT_MESSAGES": UNLIMITED_RATE,
         "CHAT_RATE_LIMIT_WINDOW_SECONDS": "5",
+        # Tests share one Redis: a killed daphne of an earlier test must not leave presence
+        # entries (ghosts until they expire) in the rooms of the next one.
+        "CHAT_PRESENCE_KEY_PREFIX": f"test-{uuid.uuid4().hex[:12]}:presence",
     }
     env.update(extra)
     return env
