@@ -15,24 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from tests.browsers import chromium
 from tests.conftest import base_env, copy_sqlite
 from tests.fake_openai import FakeOpenAI, Scenario, fake_openai, fake_openai_server  # noqa: F401
-from tests.servers import TEST_PASSWORD, DaphneServer, require_binary
+from tests.servers import TEST_PASSWORD, DaphneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    # The closed network makes Chromium stall on these outbound lookups.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
 WAIT_MS = 20_000
 KEY = "sk-browser-3c2b1a0f9e8d"
 LIVE = "li[data-testid=assistant-live]"
@@ -40,11 +31,8 @@ LIVE = "li[data-testid=assistant-live]"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 def start_server(folder: Path, template: Path, **env: str) -> DaphneServer:

@@ -25,23 +25,13 @@ from playwright.sync_api import (
     Page,
     WebSocketRoute,
     expect,
-    sync_playwright,
 )
 
-from tests.servers import TEST_PASSWORD, DaphneServer, require_binary
+from tests.browsers import chromium
+from tests.servers import TEST_PASSWORD, DaphneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    # The closed network makes Chromium stall on these outbound lookups.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
 FAST_CLIENT = {
     "pingIntervalMs": 1000,
     "pongTimeoutMs": 2000,
@@ -71,11 +61,8 @@ new MutationObserver((mutations) => {
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture

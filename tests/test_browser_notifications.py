@@ -15,24 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Error, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Error, Page, expect
 
+from tests.browsers import chromium
 from tests.conftest import base_env, copy_sqlite
-from tests.servers import TEST_PASSWORD, DaphneServer, require_binary, run_django_script
+from tests.servers import TEST_PASSWORD, DaphneServer, run_django_script
 from tests.test_e2e_notifications import _ADD_STAFF, STAFF
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    # The closed network makes Chromium stall on these outbound lookups.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
 WAIT_MS = 20_000
 FAST_BELL = {"backoffBaseMs": 200, "backoffCapMs": 1000, "heartbeatMs": 200, "leaderTimeoutMs": 800}
 COUNT = "[data-testid=notifications-count]"
@@ -40,11 +31,8 @@ COUNT = "[data-testid=notifications-count]"
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    executable = require_binary("chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
