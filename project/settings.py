@@ -177,12 +177,6 @@ LOGGING = {
     },
 }
 
-# App settings: see docs/settings.md. Test runs lower some of these through the environment.
-CHAT_RATE_LIMIT_MESSAGES = int(os.environ.get("CHAT_RATE_LIMIT_MESSAGES", "10"))
-CHAT_RATE_LIMIT_WINDOW_SECONDS = float(os.environ.get("CHAT_RATE_LIMIT_WINDOW_SECONDS", "5"))
-CHAT_REPLAY_BATCH_SIZE = int(os.environ.get("CHAT_REPLAY_BATCH_SIZE", "200"))
-CHAT_MAX_FRAME_BYTES = int(os.environ.get("CHAT_MAX_FRAME_BYTES", str(64 * 1024)))
-
 # The assistant (docs/settings.md): a real model when OPENAI_API_KEY is set (any
 # OpenAI-compatible server with OPENAI_BASE_URL: vLLM, Ollama, llama.cpp), else the offline
 # demo backend. The key only lives in this setting: it never reaches a page or a log line.
@@ -192,47 +186,10 @@ CHAT_LLM_MODEL = os.environ.get("OPENAI_MODEL", "") or "gpt-4o-mini"
 CHAT_ASSISTANT_BACKEND = os.environ.get("CHAT_ASSISTANT_BACKEND", "") or (
     "chat.llm.openai_backend.OpenAIBackend" if CHAT_LLM_API_KEY else "chat.llm.demo.DemoBackend"
 )
-# Test knobs: the end-to-end tests shorten timeouts and limits through the environment.
-# chat.conf converts the strings; unset variables leave the app defaults.
-for _name in (
-    "CHAT_LLM_FIRST_TOKEN_TIMEOUT_SECONDS",
-    "CHAT_LLM_IDLE_TIMEOUT_SECONDS",
-    "CHAT_LLM_MAX_RETRIES",
-    "CHAT_ASSISTANT_DEMO_DELAY_SECONDS",
-    "CHAT_ASSISTANT_COALESCE_SECONDS",
-    "CHAT_ASSISTANT_COALESCE_CHARS",
-    "CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER",
-    "CHAT_ASSISTANT_RATE_LIMIT_REPLIES",
-    "CHAT_ASSISTANT_RATE_LIMIT_WINDOW_SECONDS",
-    "CHAT_ASSISTANT_MAX_REPLY_CHARS",
-):
-    if os.environ.get(_name):
-        globals()[_name] = os.environ[_name]
-
-# notifications (docs/settings.md): the end-to-end tests lower these through the environment;
-# notifications.conf converts the strings, unset variables leave the app defaults.
-for _name in (
-    "NOTIFICATIONS_KEEPALIVE_SECONDS",
-    "NOTIFICATIONS_POLL_SECONDS",
-    "NOTIFICATIONS_MAX_STREAMS_PER_USER",
-    "NOTIFICATIONS_REPLAY_BATCH_SIZE",
-    "NOTIFICATIONS_RETRY_MILLISECONDS",
-):
-    if os.environ.get(_name):
-        globals()[_name] = os.environ[_name]
-
-# presence (docs/settings.md): the end-to-end tests shorten these through the environment.
-for _name in (
-    "CHAT_PRESENCE_TIMEOUT_SECONDS",
-    "CHAT_PRESENCE_MIN_INTERVAL_SECONDS",
-    "CHAT_PRESENCE_SETTLE_SECONDS",
-    "CHAT_PRESENCE_KEY_PREFIX",
-    "CHAT_TYPING_THROTTLE_SECONDS",
-    "CHAT_READ_THROTTLE_SECONDS",
-):
-    if os.environ.get(_name):
-        globals()[_name] = os.environ[_name]
-
-# export (docs/settings.md): the end-to-end tests use tiny pages to cross many page boundaries.
-if os.environ.get("CHAT_EXPORT_PAGE_SIZE"):
-    CHAT_EXPORT_PAGE_SIZE = int(os.environ["CHAT_EXPORT_PAGE_SIZE"])
+# Every app setting (docs/settings.md) can also come from an environment variable of the
+# same name, e.g. CHAT_RATE_LIMIT_MESSAGES=20 or NOTIFICATIONS_KEEPALIVE_SECONDS=5 (the tests
+# shorten timeouts this way). The apps' conf objects convert the strings; empty values are
+# ignored, so unset variables leave the app defaults.
+for _name, _value in os.environ.items():
+    if _name.startswith(("CHAT_", "NOTIFICATIONS_")) and _value:
+        globals()[_name] = _value
