@@ -10,7 +10,9 @@ Django cancels the response and closes its iterator with ``aclosing``; the backe
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import math
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
@@ -21,7 +23,7 @@ from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
-from . import assistant_protocol, sse
+from . import assistant_protocol, quotas, sse
 from .conf import app_settings
 from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
 
@@ -71,20 +73,80 @@ async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
         )
     except assistant_protocol.BadRequest as exc:
         return _json_error(400, exc.code, exc.message)
-    backend = get_backend()
-    # The stream may last a minute: don't hold this request's database connection meanwhile.
-    await sync_to_async(close_old_connections)()
+    refused = _quota().acquire(user.pk, time.monotonic())
+    if refused is not None:
+        code, wait = refused
+        response_429 = _json_error(
+            429,
+            code,
+            "Too many assistant streams: wait for one to finish."
+            if code == quotas.BUSY
+            else "Too many assistant requests; retry later.",
+        )
+        response_429["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response_429
+    release = _releaser(user.pk)
+    try:
+        backend = get_backend()
+        # The stream may last a minute: don't hold this request's database connection.
+        await sync_to_async(close_old_connections)()
+    except BaseException:
+        release()
+        raise
     response = StreamingHttpResponse(
-        reply_events(backend, messages), content_type="text/event-stream; charset=utf-8"
+        _releasing(reply_events(backend, messages), release),
+        content_type="text/event-stream; charset=utf-8",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return response
 
 
+_quotas: dict[tuple[int, int, float], quotas.StreamQuota] = {}
+
+
+def _quota() -> quotas.StreamQuota:
+    # Rebuilt when the settings change (override_settings in tests), kept otherwise.
+    key = (
+        app_settings.ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER,
+        app_settings.ASSISTANT_PANEL_RATE_LIMIT,
+        app_settings.ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS,
+    )
+    quota = _quotas.get(key)
+    if quota is None:
+        _quotas.clear()
+        quota = _quotas[key] = quotas.StreamQuota(*key)
+    return quota
+
+
+def _releaser(user_id: int) -> Callable[[], None]:
+    quota = _quota()
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            quota.release(user_id)
+
+    return release
+
+
+async def _releasing(
+    body: AsyncGenerator[bytes, None], release: Callable[[], None]
+) -> AsyncGenerator[bytes, None]:
+    """``body``, then give the user's panel slot back however the stream ends."""
+    try:
+        async with aclosing(body) as events:
+            async for event in events:
+                yield event
+    finally:
+        release()
+
+
 async def reply_events(
     backend: BaseLLMBackend, messages: Sequence[ChatMessage]
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The SSE body of one reply. Close with ``aclosing`` (Django does)."""
     # Daphne sends the response headers with the first body chunk: send one at once.
     yield sse.comment("stream")

@@ -196,6 +196,21 @@ class ChatSettings:
         return float(self._get("ASSISTANT_RATE_LIMIT_WINDOW_SECONDS", 60.0))
 
     @property
+    def ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER(self) -> int:
+        """Private panel streams one user may have open at once (per server process)."""
+        return int(self._get("ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER", 2))
+
+    @property
+    def ASSISTANT_PANEL_RATE_LIMIT(self) -> int:
+        """Private panel streams one user may start per window (per server process)."""
+        return int(self._get("ASSISTANT_PANEL_RATE_LIMIT", 20))
+
+    @property
+    def ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``ASSISTANT_PANEL_RATE_LIMIT``, in seconds."""
+        return float(self._get("ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS", 60.0))
+
+    @property
     def ASSISTANT_DEMO_DELAY_SECONDS(self) -> float:
         """Pause before each token of the offline demo backend, in seconds."""
         return float(self._get("ASSISTANT_DEMO_DELAY_SECONDS", 0.03))

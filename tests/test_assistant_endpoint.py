@@ -220,3 +220,27 @@ async def test_panel_needs_login() -> None:
     response = await AsyncClient().get(PANEL)
     assert response.status_code == 302
     assert "/accounts/login/" in response["Location"]
+
+
+async def test_panel_streams_are_limited_per_user(client: AsyncClient, demo_backend: None) -> None:
+    with override_settings(
+        CHAT_ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER=1, CHAT_ASSISTANT_PANEL_RATE_LIMIT=2
+    ):
+        first = await post(client, {"messages": QUESTION})
+        assert first.status_code == 200
+        # The first stream is still open (not read yet): a second one is refused.
+        busy = await post(client, {"messages": QUESTION})
+        assert busy.status_code == 429
+        assert busy.json()["error"]["code"] == "assistant_busy"
+        assert int(busy["Retry-After"]) >= 1
+        # Reading the first to its end gives the slot back.
+        assert events(await body_of(first))[-1] == ("message", "[DONE]")
+        second = await post(client, {"messages": QUESTION})
+        assert second.status_code == 200
+        await body_of(second)
+        # Two starts in the window: the third is rate limited, with a wait until the window
+        # frees a start.
+        limited = await post(client, {"messages": QUESTION})
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(limited["Retry-After"]) <= 60

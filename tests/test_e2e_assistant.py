@@ -34,7 +34,7 @@ HANGUP_BOUND_SECONDS = 1.0
 
 
 def assistant_env(fake: FakeOpenAI, sqlite_path: Path, **extra: str) -> dict[str, str]:
-    return base_env(
+    env = base_env(
         SQLITE_PATH=str(sqlite_path),
         OPENAI_API_KEY=KEY,
         OPENAI_BASE_URL=fake.base_url,
@@ -42,8 +42,11 @@ def assistant_env(fake: FakeOpenAI, sqlite_path: Path, **extra: str) -> dict[str
         CHAT_LLM_MAX_RETRIES="0",
         CHAT_LLM_FIRST_TOKEN_TIMEOUT_SECONDS="3",
         CHAT_LLM_IDLE_TIMEOUT_SECONDS="1",
-        **extra,
+        # Many tests share one user on one server: the panel quotas have their own test.
+        CHAT_ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER="100",
+        CHAT_ASSISTANT_PANEL_RATE_LIMIT="1000",
     )
+    return env | extra
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +237,35 @@ async def test_anonymous_is_refused(server: DaphneServer, fake_openai: FakeOpenA
         response = await http.post(URL, json={"messages": QUESTION})
     assert response.status_code in (401, 403)  # CSRF runs first for a cookieless POST
     assert fake_openai.records() == []
+
+
+async def test_panel_quota_slot_is_freed_when_the_client_disconnects(
+    fake_openai: FakeOpenAI,  # noqa: F811
+    start_daphne: Any,
+    tmp_path: Path,
+    sqlite_template: Path,
+) -> None:
+    path = tmp_path / "db.sqlite3"
+    copy_sqlite(sqlite_template, path)
+    env = assistant_env(fake_openai, path, CHAT_ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER="1")
+    server = start_daphne(env)
+    cookie = await login(server.base_url, "alice")
+    headers = {"Cookie": cookie, "X-CSRFToken": cookie.split("csrftoken=")[1]}
+    fake_openai.scenario = Scenario(tokens=["tok "] * 500, delay=0.02)
+    async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=20) as http:
+        async with aconnect_sse(http, "POST", URL, json={"messages": QUESTION}) as source:
+            assert source.response.status_code == 200
+            busy = await http.post(URL, json={"messages": QUESTION})
+            assert busy.status_code == 429
+            assert busy.json()["error"]["code"] == "assistant_busy"
+            async for _ in source.aiter_sse():
+                break  # read a little, then hang up
+        # The abandoned stream's slot comes back: a new stream is accepted.
+        fake_openai.scenario = Scenario(tokens=["ok"], delay=0)
+        for _ in range(50):
+            probe = await http.post(URL, json={"messages": QUESTION})
+            if probe.status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert probe.status_code == 200, probe.text
+        assert "data: [DONE]" in probe.text
