@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import Browser
 
 from tests import servers
+from tests.browsers import chromium
 from tests.servers import DaphneServer, PostgresServer, RedisServer
 
 # Tests post far more than 10 messages per 5 s; the rate-limit tests set their own limits.
@@ -166,3 +168,21 @@ def postgres_env(postgres_server: PostgresServer) -> dict[str, str]:
     env = base_env(DATABASE_URL=url)
     servers.prepare_database(env)
     return env
+
+
+# --- browsers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Headless Chromium for one test (tests/browsers.py)."""
+    with chromium() as browser:
+        yield browser
+
+
+@pytest.fixture
+def page_errors() -> Iterator[list[str]]:
+    """Uncaught JavaScript errors of every page: the test fails if any script threw."""
+    errors: list[str] = []
+    yield errors
+    assert errors == []

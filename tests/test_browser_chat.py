@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +27,6 @@ from playwright.sync_api import (
     expect,
 )
 
-from tests.browsers import chromium
 from tests.servers import TEST_PASSWORD, DaphneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -57,20 +56,6 @@ new MutationObserver((mutations) => {
   }
 }).observe(document, {childList: true, subtree: true});
 """
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
-
-
-@pytest.fixture
-def page_errors() -> Iterator[list[str]]:
-    """Uncaught JavaScript errors of every page: a test fails if chat.js threw anything."""
-    errors: list[str] = []
-    yield errors
-    assert errors == []
 
 
 def new_context(browser: Browser, page_errors: list[str]) -> BrowserContext:

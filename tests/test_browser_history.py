@@ -10,11 +10,9 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from tests.servers import DaphneServer, seed_messages
-from tests.test_browser_chat import browser, new_context, open_room, page_errors, send, shown_seqs
+from tests.test_browser_chat import new_context, open_room, send, shown_seqs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-__all__ = ["browser", "page_errors"]  # fixtures shared with the chat browser tests
 
 SEEDED = 130
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Error, Page, expect
 
-from tests.browsers import chromium
 from tests.conftest import base_env, copy_sqlite
 from tests.servers import TEST_PASSWORD, DaphneServer, run_django_script
 from tests.test_e2e_notifications import _ADD_STAFF, STAFF
@@ -27,20 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 WAIT_MS = 20_000
 FAST_BELL = {"backoffBaseMs": 200, "backoffCapMs": 1000, "heartbeatMs": 200, "leaderTimeoutMs": 800}
 COUNT = "[data-testid=notifications-count]"
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with chromium() as browser:
-        yield browser
-
-
-@pytest.fixture
-def page_errors() -> Iterator[list[str]]:
-    """Uncaught JavaScript errors of every page: a test fails if bell.js threw anything."""
-    errors: list[str] = []
-    yield errors
-    assert errors == []
 
 
 @pytest.fixture

@@ -9,11 +9,9 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.servers import DaphneServer
-from tests.test_browser_chat import browser, new_context, open_room, page_errors, send
+from tests.test_browser_chat import new_context, open_room, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-__all__ = ["browser", "page_errors"]  # fixtures shared with the chat browser tests
 
 
 def member(page: Page, username: str) -> Locator:
