@@ -71,6 +71,8 @@ def logged_in_page(browser: Browser, server: DaphneServer, username: str, path: 
     page.fill("input[name=password]", TEST_PASSWORD)
     page.click("form[action='/accounts/login/'] button[type=submit]")
     expect(page).to_have_url(re.compile(re.escape(path) + "$"))
+    # The URL changes when the navigation commits, before the page's deferred scripts run.
+    page.wait_for_load_state("load")
     return page
 
 
