@@ -18,7 +18,7 @@ from contextlib import aclosing
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.db import close_old_connections
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
@@ -26,12 +26,9 @@ from django.views.decorators.http import require_POST
 from . import assistant_protocol, quotas, sse
 from .conf import app_settings
 from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+from .paging import error_response
 
 logger = logging.getLogger(__name__)
-
-
-def _json_error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse({"error": {"code": code, "message": message}}, status=status)
 
 
 @login_required
@@ -55,7 +52,7 @@ async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
     """Stream the assistant's reply to a conversation as Server-Sent Events."""
     user = await request.auser()
     if not user.is_authenticated:
-        return _json_error(401, "unauthenticated", "Log in first.")
+        return error_response(401, "unauthenticated", "Log in first.")
     limits = assistant_protocol.RequestLimits(
         max_bytes=app_settings.ASSISTANT_MAX_REQUEST_BYTES,
         max_messages=app_settings.ASSISTANT_MAX_MESSAGES,
@@ -64,7 +61,7 @@ async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
     # Refuse a big body by its header before reading it (Django would read it into memory).
     declared = request.META.get("CONTENT_LENGTH") or "0"
     if declared.isdigit() and int(declared) > limits.max_bytes:
-        return _json_error(
+        return error_response(
             400, assistant_protocol.TOO_LARGE, f"The body is limited to {limits.max_bytes} bytes."
         )
     try:
@@ -72,11 +69,11 @@ async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
             request.body, request.content_type or "", limits
         )
     except assistant_protocol.BadRequest as exc:
-        return _json_error(400, exc.code, exc.message)
+        return error_response(400, exc.code, exc.message)
     refused = _quota().acquire(user.pk, time.monotonic())
     if refused is not None:
         code, wait = refused
-        response_429 = _json_error(
+        response_429 = error_response(
             429,
             code,
             "Too many assistant streams: wait for one to finish."

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def _field(value: str) -> str:
@@ -20,7 +22,8 @@ def encode_event(data: str, event: str | None = None, event_id: str | None = Non
         lines.append(f"event: {_field(event)}")
     if event_id is not None:
         lines.append(f"id: {_field(event_id)}")
-    lines.extend(f"data: {line}" for line in data.replace("\r\n", "\n").split("\n"))
+    # CR, LF and CRLF all end a line in SSE: each piece gets its own data: line.
+    lines.extend(f"data: {line}" for line in _LINE_BREAK.split(data))
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 

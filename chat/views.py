@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -91,21 +90,12 @@ async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
     )
 
 
-def _json_error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse({"error": {"code": code, "message": message}}, status=status)
-
-
-async def room_presence(request: HttpRequest, slug: str) -> JsonResponse:
+@require_GET
+async def room_presence(request: HttpRequest, slug: str) -> HttpResponse:
     """The room's presence as JSON, in the shape of the ``presence_state`` frame."""
-    user = await request.auser()
-    if not user.is_authenticated:
-        return _json_error(401, "unauthenticated", "Log in first.")
-    try:
-        room = await sync_to_async(services.get_room_for)(user, slug)
-    except services.RoomNotFound:
-        return _json_error(404, "not_found", "No such room.")
-    except services.AccessDenied:
-        return _json_error(403, "forbidden", "You are not a member of this room.")
+    room = await _api_room(request, slug)
+    if not isinstance(room, Room):
+        return room
     state = await get_hub().snapshot(room.pk)
     frame = protocol.presence_state_frame(list(state.values()))
     return JsonResponse({"room": room.slug, "users": frame["users"]})

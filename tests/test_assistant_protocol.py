@@ -26,6 +26,8 @@ def test_sse_data_event_and_done() -> None:
 def test_sse_error_event_and_multiline_data() -> None:
     assert sse.encode_json({"code": "x"}, event="error") == b'event: error\ndata: {"code":"x"}\n\n'
     assert sse.encode_event("a\nb\r\nc") == b"data: a\ndata: b\ndata: c\n\n"
+    # A lone CR also ends a line: it must not smuggle a field into the event.
+    assert sse.encode_event("a\revent: x") == b"data: a\ndata: event: x\n\n"
 
 
 def test_sse_field_values_cannot_break_lines() -> None:
