@@ -335,6 +335,29 @@ class DaphneServer(_Process):
 started_daphnes: list[DaphneServer] = []
 
 
+def db_connections(server: DaphneServer, env: dict[str, str]) -> int:
+    """Open database connections of ``server``: PostgreSQL backends, or SQLite file handles."""
+    if env.get("DATABASE_URL"):
+        import psycopg
+
+        with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+    assert server.proc is not None
+    database = str(Path(env["SQLITE_PATH"]).resolve())
+    count = 0
+    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd) == database
+        except OSError:
+            continue
+    return count
+
+
 # --- database --------------------------------------------------------------------------------
 
 _SEED_SCRIPT = textwrap.dedent(

@@ -11,44 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
 from tests.fake_openai import FakeOpenAI, Scenario, fake_openai, fake_openai_server  # noqa: F401
-from tests.servers import DaphneServer, login, recv_frames, ws_connect
+from tests.servers import DaphneServer, db_connections, login, recv_frames, ws_connect
 
 pytestmark = [pytest.mark.e2e]
 
 KEY = "sk-db-test-1f2e3d4c5b6a"
-
-
-def db_connections(server: DaphneServer, env: dict[str, str]) -> int:
-    """Open database connections of ``server``."""
-    if env.get("DATABASE_URL"):
-        import psycopg
-
-        with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-    assert server.proc is not None
-    database = str(Path(env["SQLITE_PATH"]).resolve())
-    count = 0
-    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd) == database
-        except OSError:
-            continue
-    return count
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:

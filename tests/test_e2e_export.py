@@ -10,19 +10,17 @@ import asyncio
 import csv
 import io
 import json
-import os
 import re
 import socket
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests import servers
-from tests.servers import DaphneServer
+from tests.servers import DaphneServer, db_connections
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -291,30 +289,6 @@ async def test_export_access_control_and_bad_parameters(daphne: DaphneServer) ->
 # --- disconnects -------------------------------------------------------------------------
 
 
-def _daphne_db_connections(server: DaphneServer, env: dict[str, str]) -> int:
-    """Open database connections of the daphne: PostgreSQL backends, or SQLite file handles."""
-    if env.get("DATABASE_URL"):
-        import psycopg
-
-        with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-    assert server.proc is not None
-    database = Path(env["SQLITE_PATH"]).resolve()
-    count = 0
-    for fd in Path(f"/proc/{server.proc.pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        count += target == str(database)
-    return count
-
-
 async def _until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -364,7 +338,7 @@ async def test_a_client_that_stops_reading_then_leaves_stops_the_export(
             # The reader stalls. With backpressure the export stalls too, and while it waits
             # for the client it holds no database connection.
             await _steadily(
-                lambda: _daphne_db_connections(server, db_env) == 0,
+                lambda: db_connections(server, db_env) == 0,
                 "the stalled export holds no database connection",
             )
             # Time for an export without backpressure to run ahead (and finish).
@@ -381,7 +355,7 @@ async def test_a_client_that_stops_reading_then_leaves_stops_the_export(
     assert 0 < rows < EXPORT_ROWS
     assert rows * ROW_TEXT_CHARS - received < MAX_AHEAD_BYTES, (rows, received)
     await _steadily(
-        lambda: _daphne_db_connections(server, db_env) == 0,
+        lambda: db_connections(server, db_env) == 0,
         "no database connection after the client left",
     )
     # The server is fine afterwards.
