@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Error, Page, sync_playwright
 
-from tests.servers import require_binary
+from tests.servers import TEST_PASSWORD, require_binary
 
 CHROMIUM_ARGS = [
     "--no-sandbox",  # CI runs as root
@@ -21,6 +21,10 @@ CHROMIUM_ARGS = [
 ]
 
 
+# Every wait is a Playwright expect or wait with this generous timeout; nothing asserts timing.
+WAIT_MS = 20_000
+
+
 @contextlib.contextmanager
 def chromium() -> Iterator[Browser]:
     """Launch /usr/bin/chromium (``playwright install`` cannot download a browser here)."""
@@ -31,3 +35,27 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+def watched_context(browser: Browser, page_errors: list[str], *init_scripts: str) -> BrowserContext:
+    """A context whose pages report uncaught JavaScript errors into ``page_errors``."""
+
+    def watch(page: Page) -> None:
+        def record(error: Error) -> None:
+            page_errors.append(f"{page.url}: {error.message}")
+
+        page.on("pageerror", record)
+
+    context = browser.new_context()
+    context.on("page", watch)
+    context.set_default_timeout(WAIT_MS)
+    for script in init_scripts:
+        context.add_init_script(script)
+    return context
+
+
+def submit_login(page: Page, username: str, password: str = TEST_PASSWORD) -> None:
+    """Fill in and submit the login form the page shows."""
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("form[action='/accounts/login/'] button[type=submit]")

@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browsers import chromium
+from tests.browsers import WAIT_MS, chromium, submit_login
 from tests.conftest import base_env, copy_sqlite
 from tests.fake_openai import FakeOpenAI, Scenario, fake_openai, fake_openai_server  # noqa: F401
-from tests.servers import TEST_PASSWORD, DaphneServer
+from tests.servers import DaphneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-WAIT_MS = 20_000
 KEY = "sk-browser-3c2b1a0f9e8d"
 LIVE = "li[data-testid=assistant-live]"
 
@@ -67,9 +66,7 @@ def logged_in_page(browser: Browser, server: DaphneServer, username: str, path: 
     page = context.new_page()
     page.goto(f"{server.base_url}{path}")
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("form[action='/accounts/login/'] button[type=submit]")
+    submit_login(page, username)
     expect(page).to_have_url(re.compile(re.escape(path) + "$"))
     # The URL changes when the navigation commits, before the page's deferred scripts run.
     page.wait_for_load_state("load")

@@ -21,13 +21,13 @@ from playwright.sync_api import (
     Browser,
     BrowserContext,
     Dialog,
-    Error,
     Page,
     WebSocketRoute,
     expect,
 )
 
-from tests.servers import TEST_PASSWORD, DaphneServer
+from tests.browsers import submit_login, watched_context
+from tests.servers import DaphneServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -39,7 +39,6 @@ FAST_CLIENT = {
     "connectTimeoutMs": 3000,
     "retryMs": 500,
 }
-WAIT_MS = 20_000
 MESSAGES = "[data-testid=messages]"
 CONFIRMED_TEXTS = f"{MESSAGES} li[data-seq] .text"
 UNCONFIRMED = f"{MESSAGES} li[data-client-id]"
@@ -59,18 +58,12 @@ new MutationObserver((mutations) => {
 
 
 def new_context(browser: Browser, page_errors: list[str]) -> BrowserContext:
-    def watch(page: Page) -> None:
-        def record(error: Error) -> None:
-            page_errors.append(f"{page.url}: {error.message}")
-
-        page.on("pageerror", record)
-
-    context = browser.new_context()
-    context.on("page", watch)
-    context.set_default_timeout(WAIT_MS)
-    context.add_init_script(f"window.CHAT_CONFIG = {json.dumps(FAST_CLIENT)};")
-    context.add_init_script(RECORD_RENDER_ORDER_JS)
-    return context
+    return watched_context(
+        browser,
+        page_errors,
+        f"window.CHAT_CONFIG = {json.dumps(FAST_CLIENT)};",
+        RECORD_RENDER_ORDER_JS,
+    )
 
 
 def open_room(context: BrowserContext, server: DaphneServer, username: str) -> Page:
@@ -78,9 +71,7 @@ def open_room(context: BrowserContext, server: DaphneServer, username: str) -> P
     page = context.new_page()
     page.goto(f"{server.base_url}/chat/lobby/")
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("form[action='/accounts/login/'] button[type=submit]")
+    submit_login(page, username)
     expect(page).to_have_url(re.compile(r"/chat/lobby/$"))
     expect_state(page, "connected")
     return page
@@ -484,9 +475,7 @@ def test_refusal_close_codes_stop_reconnecting(
     fake.close_on_connect = 4404
     page = context.new_page()
     page.goto(f"{daphne.base_url}/accounts/login/?next=/chat/lobby/")
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("form[action='/accounts/login/'] button[type=submit]")
+    submit_login(page, "alice")
     expect_state(page, "offline")
     expect(page.get_by_test_id("notice")).to_contain_text("does not exist")
     expect(page.get_by_test_id("send")).to_be_disabled()
@@ -509,9 +498,7 @@ def test_the_outbox_is_not_sent_as_another_user(
     )
     page = context.new_page()
     page.goto(f"{daphne.base_url}/accounts/login/?next=/chat/lobby/")
-    page.fill("input[name=username]", "alice")
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("form[action='/accounts/login/'] button[type=submit]")
+    submit_login(page, "alice")
     expect_state(page, "offline")
     expect(page.get_by_test_id("notice")).to_contain_text("logged in as bob")
     expect(page.locator(f"{UNCONFIRMED}.pending .text")).to_have_text(["alice's draft"])

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Error, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
+from tests.browsers import WAIT_MS, submit_login, watched_context
 from tests.conftest import base_env, copy_sqlite
 from tests.servers import TEST_PASSWORD, DaphneServer, run_django_script
 from tests.test_e2e_notifications import _ADD_STAFF, STAFF
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-WAIT_MS = 20_000
 FAST_BELL = {"backoffBaseMs": 200, "backoffCapMs": 1000, "heartbeatMs": 200, "leaderTimeoutMs": 800}
 COUNT = "[data-testid=notifications-count]"
 
@@ -38,26 +38,15 @@ def env(tmp_path: Path, sqlite_template: Path) -> dict[str, str]:
 
 
 def new_context(browser: Browser, page_errors: list[str], **bell: object) -> BrowserContext:
-    def watch(page: Page) -> None:
-        def record(error: Error) -> None:
-            page_errors.append(f"{page.url}: {error.message}")
-
-        page.on("pageerror", record)
-
-    context = browser.new_context()
-    context.on("page", watch)
-    context.set_default_timeout(WAIT_MS)
-    context.add_init_script(f"window.NOTIFICATIONS_CONFIG = {json.dumps({**FAST_BELL, **bell})};")
-    return context
+    config = json.dumps({**FAST_BELL, **bell})
+    return watched_context(browser, page_errors, f"window.NOTIFICATIONS_CONFIG = {config};")
 
 
 def log_in(context: BrowserContext, server: DaphneServer, username: str) -> Page:
     page = context.new_page()
     page.goto(f"{server.base_url}/chat/")
     expect(page).to_have_url(re.compile(r"/accounts/login/"))
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", TEST_PASSWORD)
-    page.click("form[action='/accounts/login/'] button[type=submit]")
+    submit_login(page, username)
     expect(page).to_have_url(re.compile(r"/chat/$"))
     return page
 
