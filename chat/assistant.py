@@ -204,8 +204,13 @@ async def request_reply(room: Room, user: User, message: Message) -> Reply:
     return reply
 
 
-async def request_stop(stream_id: str, user: User, reply_to: str) -> None:
-    """Ask the process running ``stream_id`` to stop it (on behalf of ``user``)."""
+async def request_stop(
+    stream_id: str, user: User, room_id: int, reply_to: str, conn_id: str
+) -> None:
+    """Ask the process running ``stream_id`` to stop it (on behalf of ``user``).
+
+    A refusal is answered to socket ``conn_id`` through the room hub listening on
+    ``reply_to`` (its process's channel)."""
     layer = get_channel_layer()
     if layer is None:
         return
@@ -215,17 +220,19 @@ async def request_stop(stream_id: str, user: User, reply_to: str) -> None:
         "user_id": user.pk,
         "is_staff": bool(user.is_staff),
         "reply_to": reply_to,
+        "room_id": room_id,
+        "to": conn_id,
     }
     await layer.group_send(stream_group(stream_id), event)
 
 
-async def request_snapshots(room_id: int, reply_to: str) -> None:
-    """Ask every process for the replies running in the room, answered to ``reply_to``."""
+async def request_snapshots(room_id: int, reply_to: str, conn_id: str) -> None:
+    """Ask every process for the replies running in the room, answered to socket
+    ``conn_id`` through the room hub listening on channel ``reply_to``."""
     layer = get_channel_layer()
     if layer is not None:
-        await layer.group_send(
-            control_group(room_id), {"type": "assistant.snapshot", "reply_to": reply_to}
-        )
+        event = {"type": "assistant.snapshot", "reply_to": reply_to, "to": conn_id}
+        await layer.group_send(control_group(room_id), event)
 
 
 async def _check_rate(user: User) -> None:
@@ -303,6 +310,7 @@ async def _pump(
     coalesce_seconds = app_settings.ASSISTANT_COALESCE_SECONDS
     coalesce_chars = app_settings.ASSISTANT_COALESCE_CHARS
     max_chars = app_settings.ASSISTANT_MAX_REPLY_CHARS
+    max_bytes = app_settings.MAX_TEXT_BYTES
     deltas = backend.stream(context)
     try:
         while not reply.stop_requested:
@@ -332,6 +340,13 @@ async def _pump(
             if len(reply.text) + len(reply.pending) > max_chars:
                 reply.pending = reply.pending[: max(0, max_chars - len(reply.text))]
                 too_long = f"The reply was cut at {max_chars} characters."
+                return ap.ERROR, LLMError(ap.REPLY_TOO_LONG, too_long)
+            # The stored reply is a message like any other: its frame must fit one WebSocket
+            # message, counted as encoded (a control character is 6 bytes).
+            room_bytes = max_bytes - protocol.encoded_text_bytes(reply.text)
+            if protocol.encoded_text_bytes(reply.pending) > room_bytes:
+                reply.pending = protocol.text_within(reply.pending, room_bytes)
+                too_long = f"The reply was cut at {max_bytes} bytes."
                 return ap.ERROR, LLMError(ap.REPLY_TOO_LONG, too_long)
             # The first delta goes out at once (time to first token is what people notice);
             # later ones wait up to coalesce_seconds for company.
@@ -382,10 +397,19 @@ async def _finish(
 
 
 async def _broadcast(reply: Reply, frame: dict[str, Any]) -> None:
-    layer = get_channel_layer()
-    if layer is not None:
-        event = {"type": "assistant.frame", "text": protocol.encode(frame)}
-        await layer.group_send(services.room_group(reply.room_id), event)
+    event = {"type": protocol.EVENT_ASSISTANT, "text": protocol.encode(frame)}
+    await services.abroadcast(reply.room_id, event)
+
+
+async def _answer(reply: Reply, layer: Any, event: dict[str, Any], frame: dict[str, Any]) -> None:
+    """Send ``frame`` to the one socket that asked (through its process's room hub)."""
+    answer = {
+        "type": protocol.EVENT_ASSISTANT,
+        "text": protocol.encode(frame),
+        "room_id": event.get("room_id", reply.room_id),
+        "to": event.get("to"),
+    }
+    await layer.send(event["reply_to"], answer)
 
 
 async def _listen(reply: Reply, layer: Any, channel: str) -> None:
@@ -402,8 +426,7 @@ async def _control(reply: Reply, layer: Any, event: dict[str, Any]) -> None:
     kind = event.get("type")
     reply_to = event.get("reply_to")
     if kind == "assistant.snapshot" and reply.started and reply_to:
-        frame = reply.snapshot_frame()
-        await layer.send(reply_to, {"type": "assistant.frame", "text": protocol.encode(frame)})
+        await _answer(reply, layer, event, reply.snapshot_frame())
     elif kind == "assistant.stop" and event.get("stream_id") == reply.stream_id:
         if event.get("user_id") == reply.requester_id or event.get("is_staff"):
             reply.request_stop()
@@ -411,7 +434,7 @@ async def _control(reply: Reply, layer: Any, event: dict[str, Any]) -> None:
             frame = protocol.error_frame(
                 ap.ASSISTANT_FORBIDDEN, "Only the member who asked, or staff, can stop a reply."
             )
-            await layer.send(reply_to, {"type": "assistant.frame", "text": protocol.encode(frame)})
+            await _answer(reply, layer, event, frame)
 
 
 # --- database ---------------------------------------------------------------------------------

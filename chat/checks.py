@@ -7,6 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
+from . import protocol
 from .conf import app_settings
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 
@@ -25,6 +26,11 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
         "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
         "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,
+        "CHAT_MAX_TEXT_BYTES": app_settings.MAX_TEXT_BYTES,
+        "CHAT_MAX_SEND_BYTES": app_settings.MAX_SEND_BYTES,
+        "CHAT_MAX_OUTBOUND_BYTES": app_settings.MAX_OUTBOUND_BYTES,
+        "CHAT_MAX_INBOUND_BYTES": app_settings.MAX_INBOUND_BYTES,
+        "CHAT_MAX_SOCKETS_PER_USER": app_settings.MAX_SOCKETS_PER_USER,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -49,6 +55,32 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 id="chat.W001",
             )
         )
+    if app_settings.MAX_TEXT_BYTES + protocol.MESSAGE_OVERHEAD_BYTES > app_settings.MAX_SEND_BYTES:
+        errors.append(
+            Error(
+                f"CHAT_MAX_TEXT_BYTES ({app_settings.MAX_TEXT_BYTES}) plus the rest of a message "
+                f"frame ({protocol.MESSAGE_OVERHEAD_BYTES} bytes) does not fit in "
+                f"CHAT_MAX_SEND_BYTES ({app_settings.MAX_SEND_BYTES}): such a message could "
+                "never be delivered.",
+                hint="Lower CHAT_MAX_TEXT_BYTES, or raise CHAT_MAX_SEND_BYTES together with "
+                "the server's limit (daphne --websocket-max-message-size).",
+                id="chat.E004",
+            )
+        )
+    if app_settings.MAX_OUTBOUND_BYTES < app_settings.MAX_SEND_BYTES:
+        errors.append(
+            Error(
+                "CHAT_MAX_OUTBOUND_BYTES is below CHAT_MAX_SEND_BYTES: one full message would "
+                "close the socket as a slow consumer.",
+                id="chat.E005",
+            )
+        )
+    for name, millis in (
+        ("CHAT_BATCH_WINDOW_MILLISECONDS", app_settings.BATCH_WINDOW_MILLISECONDS),
+        ("CHAT_GAP_GRACE_MILLISECONDS", app_settings.GAP_GRACE_MILLISECONDS),
+    ):
+        if not 0 <= millis <= 1000:
+            errors.append(Error(f"{name} must be within 0..1000, got {millis}.", id="chat.E006"))
     if app_settings.HISTORY_PAGE_SIZE > app_settings.HISTORY_PAGE_MAX:
         errors.append(
             Warning(

@@ -48,6 +48,47 @@ class ChatSettings:
         return int(self._get("MAX_FRAME_BYTES", 64 * 1024))
 
     @property
+    def MAX_TEXT_BYTES(self) -> int:
+        """Largest message text as it travels in a frame: UTF-8 bytes with JSON escapes."""
+        return int(self._get("MAX_TEXT_BYTES", 16 * 1024))
+
+    @property
+    def MAX_SEND_BYTES(self) -> int:
+        """Largest WebSocket message the server sends, in bytes: at most the server's own
+        message size limit (daphne ``--websocket-max-message-size``; over it daphne closes
+        the socket with 1011). History, replays and batches are packed within it."""
+        return int(self._get("MAX_SEND_BYTES", 64 * 1024))
+
+    @property
+    def MAX_OUTBOUND_BYTES(self) -> int:
+        """Bytes a socket may have sent but not yet taken by its client; past it the socket is
+        closed with 4008 (the client reconnects and resumes). Typing frames are dropped for
+        a socket past a quarter of it."""
+        return int(self._get("MAX_OUTBOUND_BYTES", 1024 * 1024))
+
+    @property
+    def MAX_INBOUND_BYTES(self) -> int:
+        """Bytes of client messages that may wait for the consumer; past it the server stops
+        reading that client's socket until half of it is handled (daphne)."""
+        return int(self._get("MAX_INBOUND_BYTES", 256 * 1024))
+
+    @property
+    def MAX_SOCKETS_PER_USER(self) -> int:
+        """Chat WebSockets one user may have open at once; more are closed with 4429."""
+        return int(self._get("MAX_SOCKETS_PER_USER", 32))
+
+    @property
+    def BATCH_WINDOW_MILLISECONDS(self) -> float:
+        """How long room frames wait to be sent together as one message, in milliseconds."""
+        return float(self._get("BATCH_WINDOW_MILLISECONDS", 5.0))
+
+    @property
+    def GAP_GRACE_MILLISECONDS(self) -> float:
+        """How long a process waits for a missing seq (published by another process) before
+        reading it from the database, in milliseconds."""
+        return float(self._get("GAP_GRACE_MILLISECONDS", 50.0))
+
+    @property
     def MAX_FRAMES_PER_MESSAGE(self) -> int:
         """Most frames a client may batch in one WebSocket message (a JSON array)."""
         return int(self._get("MAX_FRAMES_PER_MESSAGE", 50))

@@ -1,10 +1,21 @@
 """The chat WebSocket transport: parse, authorize, delegate to services, send frames.
 
-Ordering guarantee: the socket joins the room group *before* reading ``last_seq``, so every
-message committed after that read also arrives live. ``last_sent`` is the highest seq this
-socket has delivered; live events at or below it are duplicates and dropped, and a live event
-that skips ahead is preceded by the missing messages read from the database. Each client
-therefore sees every seq exactly once, in order, even when processes publish out of order.
+Delivery goes through the process's room hub (``chat.delivery.hub``), not a channel per
+socket: the hub receives each room event once per process and hands this socket pre-encoded,
+batched messages (``deliver``). The ordering argument lives in the hub's docstring: a socket
+attaches before it reads ``last_seq``, catches up from the database, and goes live only once
+it has reached the hub's head; ``last_sent`` is the highest seq it delivered.
+
+Bounds, per socket (docs/protocol.md "Limits"):
+- outbound: what the client has not taken yet is measured in bytes (``writers``); typing and
+  presence diffs are dropped past a quarter of ``CHAT_MAX_OUTBOUND_BYTES`` (presence is sent
+  afresh once the socket recovers), and past the whole of it the socket closes with 4008;
+- inbound: past ``CHAT_MAX_INBOUND_BYTES`` waiting, the server stops reading the client
+  (``inbound``); obvious floods are refused by a per-process window before any transaction;
+- every server message is packed within ``CHAT_MAX_SEND_BYTES``.
+
+Cleanup runs in ``__call__``'s ``finally``: also when daphne cancels the application without
+a ``disconnect`` (its close timeout, a crash mid-resume), so no presence entry outlives it.
 """
 
 from __future__ import annotations
@@ -13,34 +24,102 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
 
 from . import assistant, protocol, services
 from .conf import app_settings
+from .delivery import inbound, writers
+from .delivery.hub import Detached, Packed, RoomHub, get_room_hub
 from .models import Message, Room
 from .presence import RateGate
 from .presence_hub import PresenceHub, get_hub
+from .protocol import Encoded
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
+
+# How long a replay waits for a client to take what it was sent before giving up on it.
+SLOW_CONSUMER_SECONDS = 10.0
+AFTER_ERROR = "after must be a non-negative integer; sending recent history instead."
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     room: Room
-    group: str | None = None
+    user: User
+    writer: writers.Writer
+    hub: RoomHub | None = None
+    presence: PresenceHub | None = None
+    user_id = 0
+    session_key = ""
     last_sent = 0
-    hub: PresenceHub | None = None
-    conn_id = ""
-    typing_active = False
+    live = False
+    closing = False
+    typed = False
+    presence_stale = False
     pending_read: int | None = None
     read_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.conn_id = uuid.uuid4().hex
         self._background: set[asyncio.Task[None]] = set()
+        self._ended = False
+
+    # --- the ASGI application ------------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Not Channels' loop: no channel-layer channel per socket (the room hub has one per
+        # process), no helper task per socket, and no thread hop to close old database
+        # connections before every frame (database_sync_to_async does it around each call).
+        self.scope = scope
+        self.channel_layer = None
+        self.channel_name = ""
+        self.base_send = send
+        self.writer = writers.make_writer(send)
+        protocol_ = writers.daphne_protocol(send)
+        receive = inbound.bound_receive(receive, protocol_, app_settings.MAX_INBOUND_BYTES)
+        try:
+            while True:
+                message = await receive()
+                kind = message["type"]
+                if kind == "websocket.connect":
+                    await self.websocket_connect(message)
+                elif kind == "websocket.receive":
+                    await self.websocket_receive(message)
+                elif kind == "websocket.disconnect":
+                    await self.websocket_disconnect(message)
+        except StopConsumer:
+            pass
+        finally:
+            await self._end()
+
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        if text_data is not None:
+            self._write([Packed.of(text_data)])
+        if close:
+            await self.close()
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        self.closing = True
+        self.live = False
+        await self.writer.close(1000 if code is None or code is True else int(code))
+
+    @property
+    def _hub(self) -> RoomHub:
+        if self.hub is None:
+            raise RuntimeError("The socket has no room hub before connect().")
+        return self.hub
+
+    # --- connecting ----------------------------------------------------------------------
 
     async def connect(self) -> None:
         # Accept before refusing: a close code only reaches a client after the handshake.
@@ -59,42 +138,74 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_FORBIDDEN)
             return
         self.user = user
-        self.group = services.room_group(self.room.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.user_id = user.pk
+        session = self.scope.get("session")
+        self.session_key = getattr(session, "session_key", None) or ""
+        self.hub = get_room_hub()
+        if self.hub.user_sockets(self.user_id) >= app_settings.MAX_SOCKETS_PER_USER:
+            await self._refuse_too_many()
+            return
+        await self.hub.attach(self.room.pk, self)
         await self._start_session()
+
+    async def _refuse_too_many(self) -> None:
+        limit = app_settings.MAX_SOCKETS_PER_USER
+        message = f"At most {limit} chat connections per user; close some tabs."
+        self._write(self._pack([Encoded.of(protocol.error_frame("too_many_sockets", message))]))
+        await self.close(code=protocol.CLOSE_TOO_MANY_SOCKETS)
 
     async def _start_session(self) -> None:
         after, after_error = self._query_after()
         last_seq = await services.alast_seq(self.room.pk)
-        await self._send_frames([protocol.hello_frame(self.room.slug, self.user, last_seq)])
+        first = [Encoded.of(protocol.hello_frame(self.room.slug, self.user, last_seq))]
         if after_error:
-            await self._send_frames([protocol.error_frame(protocol.BAD_FRAME, after_error)])
+            first.append(Encoded.of(protocol.error_frame(protocol.BAD_FRAME, after_error)))
         if after is None:
-            frames = await services.alatest_frames(self.room, last_seq, app_settings.HISTORY_LIMIT)
-            if frames:
-                await self._send_frames(frames)
+            rows = await services.alatest_frames(self.room, last_seq, app_settings.HISTORY_LIMIT)
+            self._write(self._pack(first + [enc for _, enc in rows]))
             self.last_sent = last_seq
         else:
+            self._write(self._pack(first))
             # A client ahead of the server (database reset) starts again from last_seq.
             self.last_sent = min(after, last_seq)
             await self._replay(last_seq)
+        await self._catch_up()
+        if self.closing:
+            return
         await self._join_presence()
         # Replies running in the room answer with their text so far (assistant.start).
-        await assistant.request_snapshots(self.room.pk, self.channel_name)
+        await assistant.request_snapshots(self.room.pk, self._hub.channel or "", self.conn_id)
+
+    async def _catch_up(self) -> None:
+        """Replay from the database until this socket has reached the hub's head, then go
+        live (no await between the last check and going live)."""
+        hub = self._hub
+        try:
+            while not self.closing and not hub.go_live(self.room.pk, self):
+                await self._replay(hub.head(self.room.pk))
+        except Detached:
+            # Revoked or ended while catching up: nothing more to send.
+            self.closing = True
 
     async def _join_presence(self) -> None:
-        self.hub = get_hub()
-        self.conn_id = uuid.uuid4().hex
+        self.presence = get_hub()
         self.read_gate = RateGate(app_settings.READ_THROTTLE_SECONDS)
-        state = await self.hub.join(
-            self.room.pk, self.conn_id, self.user.pk, self.user.get_username(), self._send_text
+        state = await self.presence.join(
+            self.room.pk,
+            self.conn_id,
+            self.user_id,
+            self.user.get_username(),
+            self._send_presence,
+            alive=self._alive,
         )
-        await self._send_frames([protocol.presence_state_frame(list(state.values()))])
+        self._send_presence_state(state.values())
         reads = await services.aread_state(self.room.pk, app_settings.READ_STATE_LIMIT)
-        await self._send_frames([protocol.read_state_frame(reads)])
+        budget = app_settings.MAX_SEND_BYTES
+        frames = protocol.read_state_frames(reads, budget)
+        self._write(self._pack([Encoded.of(f) for f in frames]))
 
-    async def _send_text(self, text: str) -> None:
-        await self.send(text_data=text)
+    def _alive(self) -> bool:
+        return not self._ended and not self.closing
 
     def _query_after(self) -> tuple[int | None, str | None]:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -104,57 +215,91 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             after = int(values[0])
         except ValueError:
-            return None, "after must be a non-negative integer; sending recent history instead."
+            return None, AFTER_ERROR
         if after < 0:
-            return None, "after must be a non-negative integer; sending recent history instead."
+            return None, AFTER_ERROR
         return after, None
 
     async def _replay(self, upto: int) -> None:
         """Send every message after ``last_sent`` up to ``upto``, in batches, in order."""
         batch = app_settings.REPLAY_BATCH_SIZE
-        while self.last_sent < upto:
-            frames = await services.amessage_frames(self.room, self.last_sent, upto, batch)
-            if not frames:
+        while self.last_sent < upto and not self.closing:
+            rows = await services.amessage_frames(self.room, self.last_sent, upto, batch)
+            if not rows or self.closing:
                 break
-            await self._send_frames(frames)
-            self.last_sent = frames[-1]["seq"]
-        self.last_sent = max(self.last_sent, upto)
+            await self._write_paced(self._pack([enc for _, enc in rows]))
+            if self.closing:
+                break
+            self.last_sent = rows[-1][0]
+        if not self.closing:
+            self.last_sent = max(self.last_sent, upto)
+
+    # --- ending --------------------------------------------------------------------------
 
     async def disconnect(self, code: int) -> None:
-        if self.group is None:
+        await self._end()
+
+    async def _end(self) -> None:
+        """Release everything this socket holds; runs once, on every kind of ending."""
+        if self._ended:
             return
-        await self.channel_layer.group_discard(self.group, self.channel_name)
+        self._ended = True
+        self.live = False
+        if self.hub is not None and hasattr(self, "room"):
+            self.hub.detach(self.room.pk, self)
         if self.read_timer is not None:
             self.read_timer.cancel()
-        if self.pending_read is not None:
-            await self._flush_read()
-        if self.typing_active:
-            await self._relay_typing(False)
-        if self.hub is not None:
-            await self.hub.leave(self.room.pk, self.conn_id)
+        try:
+            if self.pending_read is not None:
+                await self._flush_read()
+            if self.typed:
+                await self._stop_typing()
+        except Exception:
+            logger.warning("Cleaning up a chat socket failed", exc_info=True)
+        finally:
+            if self.presence is not None:
+                await self.presence.leave(self.room.pk, self.conn_id)
 
-    # --- client frames -----------------------------------------------------------------
+    def revoke(self, code: int) -> None:
+        """Close this socket with ``code`` (called by the hub; 4008 drops its backlog)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.live = False
+        if self.hub is not None:
+            self.hub.detach(self.room.pk, self)
+        discard = code == protocol.CLOSE_SLOW_CONSUMER
+        task = asyncio.ensure_future(self.writer.close(code, discard=discard))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- client frames -------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.closing or not self.live:
+            return
         if text_data is None:
-            await self._error(protocol.BAD_FRAME, "Send JSON in text messages, not binary.")
+            self._error(protocol.BAD_FRAME, "Send JSON in text messages, not binary.")
             return
         limits = protocol.Limits(
             max_text_length=app_settings.MAX_TEXT_LENGTH,
             max_frame_bytes=app_settings.MAX_FRAME_BYTES,
             max_frames_per_message=app_settings.MAX_FRAMES_PER_MESSAGE,
+            max_text_bytes=app_settings.MAX_TEXT_BYTES,
         )
         try:
             frames = protocol.parse_client_text(text_data, limits)
         except protocol.ProtocolError as exc:
-            await self._error(exc.code, exc.message)
+            self._error(exc.code, exc.message)
             return
-        for frame in frames:
+        for frame in _one_resume(frames):
+            if self.closing:
+                return
             await self._handle(frame)
 
     async def _handle(self, frame: protocol.ClientFrame | protocol.FrameError) -> None:
         if isinstance(frame, protocol.FrameError):
-            await self._error(frame.code, frame.message, frame.client_id)
+            self._error(frame.code, frame.message, frame.client_id)
         elif isinstance(frame, protocol.SendMessage):
             await self._handle_message(frame)
         elif isinstance(frame, protocol.Ping):
@@ -166,37 +311,50 @@ class ChatConsumer(AsyncWebsocketConsumer):
         elif isinstance(frame, protocol.Read):
             await self._handle_read(frame)
         elif isinstance(frame, protocol.AssistantStop):
-            await assistant.request_stop(frame.stream_id, self.user, self.channel_name)
+            await assistant.request_stop(
+                frame.stream_id, self.user, self.room.pk, self._hub.channel or "", self.conn_id
+            )
 
     async def _handle_message(self, frame: protocol.SendMessage) -> None:
         cid = frame.client_id or None
+        window = self._hub.send_window
+        if window.full(self.user_id, time.monotonic(), frame.client_id):
+            # Refused without a transaction: this process alone stored the limit already.
+            self._rate_limited(cid)
+            return
         try:
             result = await services.apost_message(
                 self.room.pk, self.user, frame.text, frame.client_id
             )
         except services.RateLimited:
-            window = app_settings.RATE_LIMIT_WINDOW_SECONDS
-            limit = app_settings.RATE_LIMIT_MESSAGES
-            await self._error(
-                protocol.RATE_LIMITED,
-                f"At most {limit} messages per {window:g} s; retry later.",
-                cid,
-            )
+            self._rate_limited(cid)
+            return
+        except services.Revoked:
+            self.revoke(protocol.CLOSE_FORBIDDEN)
             return
         except DatabaseError:
             logger.exception("Storing a message in room %s failed", self.room.slug)
-            await self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
+            self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
             return
-        await self._send_frames([protocol.ack_frame(frame.client_id, result.message.seq)])
+        if result.created:
+            window.record(self.user_id, time.monotonic(), frame.client_id)
+        # The ack goes out with the room's next batch, usually with the message itself.
+        self._reply(protocol.ack_frame(frame.client_id, result.message.seq))
         if result.created and assistant.is_request(frame.text):
             await self._ask_assistant(result.message)
+
+    def _rate_limited(self, cid: str | None) -> None:
+        window = app_settings.RATE_LIMIT_WINDOW_SECONDS
+        limit = app_settings.RATE_LIMIT_MESSAGES
+        message = f"At most {limit} messages per {window:g} s; retry later."
+        self._error(protocol.RATE_LIMITED, message, cid)
 
     async def _ask_assistant(self, message: Message) -> None:
         # The reply runs in chat.assistant's registry, not here: it outlives this socket.
         try:
             await assistant.request_reply(self.room, self.user, message)
         except assistant.AssistantRefused as exc:
-            await self._error(exc.code, exc.message)
+            self._error(exc.code, exc.message)
 
     async def _handle_ping(self) -> None:
         try:
@@ -206,35 +364,65 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except DatabaseError:
             room_last = self.last_sent
         # Never report less than this socket already delivered (the value may be cached).
-        await self._send_frames([protocol.pong_frame(max(room_last, self.last_sent))])
+        self._reply(protocol.pong_frame(max(room_last, self.last_sent)))
 
     async def _handle_resume(self, frame: protocol.Resume) -> None:
         try:
             upto = await services.alast_seq(self.room.pk)
         except DatabaseError:
             logger.exception("Resume in room %s failed", self.room.slug)
-            await self._error(protocol.UNAVAILABLE, "History is unavailable; retry.")
+            self._error(protocol.UNAVAILABLE, "History is unavailable; retry.")
             return
+        # Off the hub while replaying: _catch_up goes live again once caught up.
+        self.live = False
         target = max(self.last_sent, upto)
         self.last_sent = min(frame.after, target)
-        await self._replay(target)
+        try:
+            await self._replay(target)
+            await self._catch_up()
+        except DatabaseError:
+            logger.exception("Resume in room %s failed", self.room.slug)
+            self._error(protocol.UNAVAILABLE, "History is unavailable; retry.")
+            await self._catch_up_or_close()
+
+    async def _catch_up_or_close(self) -> None:
+        # The socket must not stay off the hub: without the database it cannot catch up, so
+        # it closes and the client reconnects with ?after= when the database is back.
+        try:
+            await self._catch_up()
+        except DatabaseError:
+            await self.close(code=protocol.CLOSE_TRY_AGAIN)
 
     async def _handle_typing(self, frame: protocol.Typing) -> None:
-        if self.hub is None:
+        if self.presence is None:
             return
-        key = (self.room.pk, self.user.pk)
+        key = (self.room.pk, self.user_id)
+        presence, now = self.presence, time.monotonic()
         if frame.active:
-            self.typing_active = True
-            # Clients refresh while typing; one relay per interval keeps indicators alive.
-            if self.hub.typing_gate.allow(key, time.monotonic()):
-                await self._relay_typing(True)
-        elif self.typing_active:
-            self.hub.typing_gate.forget(key)
-            await self._relay_typing(False)
+            self.typed = True
+            # Clients refresh while typing: one relay per interval keeps indicators alive.
+            # A start after a stop is relayed at once, up to a few per interval; the state is
+            # per room and user in this process, so no client frame resets it.
+            refresh_due = presence.typing_gate.allow(key, now)
+            if key in presence.typing_relayed:
+                allowed = refresh_due
+            else:
+                allowed = not presence.typing_starts.full(key, now)
+                if allowed:
+                    presence.typing_starts.record(key, now)
+            if allowed:
+                presence.typing_relayed.add(key)
+                await services.relay_typing(self.room.pk, self.user, True)
+        elif key in presence.typing_relayed:
+            await self._stop_typing()
 
-    async def _relay_typing(self, active: bool) -> None:
-        self.typing_active = active
-        await services.relay_typing(self.room.pk, self.user, active)
+    async def _stop_typing(self) -> None:
+        if self.presence is None:
+            return
+        key = (self.room.pk, self.user_id)
+        if key in self.presence.typing_relayed:
+            self.presence.typing_relayed.discard(key)
+            await services.relay_typing(self.room.pk, self.user, False)
 
     async def _handle_read(self, frame: protocol.Read) -> None:
         self.pending_read = max(self.pending_read or 0, frame.seq)
@@ -261,42 +449,92 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await services.amark_read(self.room.pk, self.user, seq)
         except DatabaseError:
             logger.exception("Storing a read marker in room %s failed", self.room.slug)
-            await self._error(protocol.UNAVAILABLE, "The read marker could not be stored.")
+            self._error(protocol.UNAVAILABLE, "The read marker could not be stored.")
 
-    # --- room events -------------------------------------------------------------------
+    # --- what the hub calls --------------------------------------------------------------
 
-    async def chat_message(self, event: dict[str, Any]) -> None:
-        seq: int = event["seq"]
-        if seq <= self.last_sent:
-            return
-        if seq > self.last_sent + 1:
-            # Another process published a later seq first: fill the gap from the database.
-            try:
-                await self._replay(seq - 1)
-            except DatabaseError:
-                # Send the live frame anyway: the client sees the gap and asks to resume.
-                logger.exception("Filling a gap in room %s failed", self.room.slug)
-            if seq <= self.last_sent:
-                return
-        await self.send(text_data=event["text"])
-        self.last_sent = seq
+    def deliver(self, messages: list[Packed], last_seq: int | None) -> None:
+        self._write(messages)
+        if last_seq is not None and last_seq > self.last_sent:
+            self.last_sent = last_seq
+        if self.presence_stale and not self.congested():
+            self.presence_stale = False
+            if self.presence is not None:
+                self._send_presence_state(self.presence.current(self.room.pk).values())
 
-    async def chat_typing(self, event: dict[str, Any]) -> None:
-        # Never echo typing to the typist, in any of their tabs.
-        if event["user_id"] != self.user.pk:
-            await self.send(text_data=event["text"])
-
-    async def chat_read(self, event: dict[str, Any]) -> None:
-        await self.send(text_data=event["text"])
-
-    async def assistant_frame(self, event: dict[str, Any]) -> None:
-        # Encoded once by the reply's runner (chat/assistant.py) for every member.
-        await self.send(text_data=event["text"])
+    def congested(self) -> bool:
+        return self.writer.backlog_bytes() > app_settings.MAX_OUTBOUND_BYTES // 4
 
     # --- sending -------------------------------------------------------------------------
 
-    async def _send_frames(self, frames: list[dict[str, Any]]) -> None:
-        await self.send(text_data=protocol.encode(frames[0] if len(frames) == 1 else frames))
+    def _write(self, messages: list[Packed]) -> None:
+        if self.closing:
+            return
+        # Measured before writing: a burst written in one go (a batch, a history) reaches
+        # the socket only when the event loop next runs, so what counts is whether the
+        # client took what it was sent before.
+        if self.writer.backlog_bytes() > app_settings.MAX_OUTBOUND_BYTES:
+            logger.info("Closing a chat socket of user %s: slow consumer", self.user_id)
+            self.revoke(protocol.CLOSE_SLOW_CONSUMER)
+            return
+        for message in messages:
+            self.writer.write(message.text, message.data)
 
-    async def _error(self, code: str, message: str, client_id: str | None = None) -> None:
-        await self._send_frames([protocol.error_frame(code, message, client_id)])
+    async def _write_paced(self, messages: list[Packed]) -> None:
+        """Write what the server pulls (replays) at the client's pace: wait while half the
+        outbound bound is unread, and close as a slow consumer if it stays so too long."""
+        high = app_settings.MAX_OUTBOUND_BYTES // 2
+        for message in messages:
+            if self.writer.backlog_bytes() > high:
+                drained = await self.writer.wait_below(high // 2, SLOW_CONSUMER_SECONDS)
+                if not drained:
+                    self.revoke(protocol.CLOSE_SLOW_CONSUMER)
+            if self.closing:
+                return
+            self.writer.write(message.text, message.data)
+
+    def _pack(self, frames: list[Encoded]) -> list[Packed]:
+        budget = app_settings.MAX_SEND_BYTES
+        return [Packed.of(text) for text in protocol.pack(frames, budget)]
+
+    def _reply(self, frame: dict[str, Any]) -> None:
+        """Answer the client, in order: answers go out with the room's next batch."""
+        enc = Encoded.of(frame)
+        if self.hub is None or not self.hub.send_direct(self.room.pk, self.conn_id, enc):
+            self._write(self._pack([enc]))
+
+    def _error(self, code: str, message: str, client_id: str | None = None) -> None:
+        self._reply(protocol.error_frame(code, message, client_id))
+
+    async def _send_presence(self, text: str) -> None:
+        # Presence diffs are the first thing a falling-behind socket goes without: it gets the
+        # whole state again once it has caught up (``deliver``).
+        if self.closing:
+            return
+        if self.congested():
+            self.presence_stale = True
+            return
+        self._write([Packed.of(text)])
+
+    def _send_presence_state(self, users: Any) -> None:
+        frames = protocol.presence_state_frames(list(users), app_settings.MAX_SEND_BYTES)
+        self._write(self._pack([Encoded.of(f) for f in frames]))
+
+
+def _one_resume(
+    frames: list[protocol.ClientFrame | protocol.FrameError],
+) -> list[protocol.ClientFrame | protocol.FrameError]:
+    """At most one resume per client message: the earliest ``after``, where the last one was.
+
+    ``[resume after=0] x 50`` would otherwise replay the whole room fifty times.
+    """
+    resumes = [f for f in frames if isinstance(f, protocol.Resume)]
+    if len(resumes) <= 1:
+        return frames
+    earliest = protocol.Resume(after=min(r.after for r in resumes))
+    last = max(i for i, f in enumerate(frames) if isinstance(f, protocol.Resume))
+    return [
+        earliest if i == last else f
+        for i, f in enumerate(frames)
+        if i == last or not isinstance(f, protocol.Resume)
+    ]

@@ -42,10 +42,15 @@ from .presence import (
     with_connection,
 )
 from .presence_stores import BasePresenceStore, get_store
+from .ratelimit import SlidingWindow
 
 logger = logging.getLogger(__name__)
 
 Sender = Callable[[str], Awaitable[None]]
+
+# Relayed "started typing" per (room, user) per typing interval (each may be followed by one
+# "stopped"): the bound on what [start, stop] x N from one client costs every member.
+TYPING_STARTS_PER_INTERVAL = 4
 
 
 def presence_group(room_id: int) -> str:
@@ -57,6 +62,9 @@ def presence_group(room_id: int) -> str:
 class _Local:
     entry: Entry
     send: Sender
+    # False once the socket has ended: its entry is not heartbeated and leaves at the sweep,
+    # even if nothing called leave() (a crash the socket's own cleanup did not survive).
+    alive: Callable[[], bool] = lambda: True
 
 
 @dataclass
@@ -100,12 +108,23 @@ class PresenceHub:
         self._tasks: set[asyncio.Task[None]] = set()
         # Relays of "typing: active" per (room, user) in this process.
         self.typing_gate = RateGate(typing_throttle_seconds)
+        # (room, user) whose "typing: active" was relayed and not yet followed by "stopped".
+        self.typing_relayed: set[tuple[int, int]] = set()
+        # New starts (after a stop) relayed per (room, user) and interval: typing again soon
+        # after sending shows at once, but toggling cannot buy unbounded relays.
+        self.typing_starts = SlidingWindow(TYPING_STARTS_PER_INTERVAL, typing_throttle_seconds)
         self._background: list[asyncio.Task[None]] = []
 
     # --- sockets -------------------------------------------------------------------------
 
     async def join(
-        self, room_id: int, conn_id: str, user_id: int, username: str, send: Sender
+        self,
+        room_id: int,
+        conn_id: str,
+        user_id: int,
+        username: str,
+        send: Sender,
+        alive: Callable[[], bool] | None = None,
     ) -> State:
         """Register a socket; return the room's presence as that socket should first see it."""
         channel = await self._ensure_started()
@@ -130,7 +149,7 @@ class PresenceHub:
             room.names[user_id] = username
         # Registered only now, with no await since `state` was taken: every diff this socket
         # gets from here on applies on top of `state`.
-        room.local[conn_id] = _Local(entry, send)
+        room.local[conn_id] = _Local(entry, send, alive or (lambda: True))
         await self._announce(room_id)
         return state
 
@@ -158,6 +177,13 @@ class PresenceHub:
         await self._announce(room_id)
         if not self.rooms:
             await self._stop()
+
+    def current(self, room_id: int) -> State:
+        """The room's presence as this process's sockets see it now (no store read)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return {}
+        return _apply(room.state, room.delta, room.names)
 
     async def snapshot(self, room_id: int) -> State:
         """The room's current presence, read from the store (for HTTP and the admin)."""
@@ -294,6 +320,12 @@ class PresenceHub:
     async def _refresh_all(self, announce: bool) -> None:
         now = self.clock()
         for room_id, room in list(self.rooms.items()):
+            for conn_id in [c for c, item in room.local.items() if not item.alive()]:
+                # Ended without leave(): stop counting it (and stop heartbeating it).
+                logger.warning("Releasing the presence of a socket that ended without leaving")
+                await self.leave(room_id, conn_id)
+            if room_id not in self.rooms:
+                continue
             for item in room.local.values():
                 item.entry = Entry(
                     item.entry.conn_id,
@@ -315,7 +347,9 @@ class PresenceHub:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.timing.sweep_seconds)
-            for room_id in list(self.rooms):
+            for room_id, room in list(self.rooms.items()):
+                for conn_id in [c for c, item in room.local.items() if not item.alive()]:
+                    await self.leave(room_id, conn_id)
                 self._mark_dirty(room_id)
 
 

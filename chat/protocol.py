@@ -21,12 +21,32 @@ TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 UNAVAILABLE = "unavailable"
 
-# WebSocket close codes (4000-4999 are for applications). Clients must not reconnect on these.
+# WebSocket close codes (4000-4999 are for applications). Clients must not reconnect on 44xx.
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
+# Too many sockets of this user (all tabs and processes): reconnecting would hit it again.
+CLOSE_TOO_MANY_SOCKETS = 4429
+# Reconnect (with backoff) and resume by seq: this socket fell behind what it was sent, more
+# than its outbound byte bound (Centrifugo's 3008 "slow", in our 40xx "retry" range).
+CLOSE_SLOW_CONSUMER = 4008
+# The server is restarting (drain on deploy): reconnect with jitter and resume.
+CLOSE_SERVICE_RESTART = 1012
+# The server cannot serve this socket now (its database is down): reconnect later.
+CLOSE_TRY_AGAIN = 1013
+
+# Channel-layer event types ("type" of group messages; dots become handler names).
+EVENT_MESSAGE = "chat.message"
+EVENT_TYPING = "chat.typing"
+EVENT_READ = "chat.read"
+EVENT_ASSISTANT = "assistant.frame"
+EVENT_REVOKE = "chat.revoke"
+EVENT_RECHECK = "chat.recheck"
 
 MAX_CLIENT_ID_LENGTH = 64
+# A message frame without its text, worst case: a 150-character username and a 64-character
+# client_id of escaped control characters (6 bytes each), the room slug, ids and dates.
+MESSAGE_OVERHEAD_BYTES = 2048
 # Assistant stream ids become channel-layer group names: keep them to safe characters.
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -36,6 +56,8 @@ class Limits:
     max_text_length: int
     max_frame_bytes: int
     max_frames_per_message: int
+    # The text as it travels in a frame: UTF-8 with JSON escapes ("\u0001" is 6 bytes).
+    max_text_bytes: int = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,10 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
         )
     if not _storable(text):
         return FrameError(BAD_FRAME, "text must be valid Unicode text without NUL.", cid)
+    if encoded_text_bytes(text) > limits.max_text_bytes:
+        return FrameError(
+            TOO_LONG, f"text is larger than {limits.max_text_bytes} bytes once encoded.", cid
+        )
     return SendMessage(text=text, client_id=client_id)
 
 
@@ -242,6 +268,24 @@ def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[
     return frame
 
 
+def message_encoded(
+    message: MessageLike, room_slug: str, user: UserLike, max_bytes: int
+) -> Encoded:
+    """The message frame encoded once, within ``max_bytes`` whatever was stored.
+
+    Rows stored before a byte limit existed (or by other code) may not fit one WebSocket
+    message: their text is cut to fit, and the frame says ``"truncated": true``.
+    """
+    frame = message_frame(message, room_slug, user)
+    enc = Encoded.of(frame)
+    if enc.size <= max_bytes:
+        return enc
+    frame["truncated"] = True
+    room = max(0, max_bytes - (enc.size - encoded_text_bytes(message.text)) - 32)
+    frame["text"] = text_within(message.text, room)
+    return Encoded.of(frame)
+
+
 def hello_frame(room_slug: str, user: UserLike, last_seq: int) -> dict[str, Any]:
     return {"type": "hello", "room": room_slug, "user": user_frame(user), "last_seq": last_seq}
 
@@ -311,3 +355,104 @@ def read_state_frame(reads: list[tuple[int, str, int]]) -> dict[str, Any]:
 def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:
     """Serialise one frame, or a batch of frames, to the text of one WebSocket message."""
     return json.dumps(frames, ensure_ascii=False, separators=(",", ":"))
+
+
+def encoded_text_bytes(text: str) -> int:
+    """Bytes ``text`` takes inside an encoded frame: UTF-8, JSON escapes, without quotes."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def text_within(text: str, max_bytes: int) -> str:
+    """The longest prefix of ``text`` that encodes to at most ``max_bytes`` in a frame."""
+    if encoded_text_bytes(text) <= max_bytes:
+        return text
+    low, high = 0, len(text)
+    while low < high:  # binary search: encoded size grows with the prefix length
+        mid = (low + high + 1) // 2
+        if encoded_text_bytes(text[:mid]) <= max_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One frame encoded once for every recipient: its text and its size in UTF-8 bytes."""
+
+    text: str
+    size: int
+
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> Encoded:
+        return cls.from_text(encode(frame))
+
+    @classmethod
+    def from_text(cls, text: str) -> Encoded:
+        return cls(text, len(text.encode("utf-8")))
+
+
+class FrameTooLarge(ValueError):
+    """A single frame over the byte budget: the limits that should prevent it are wrong."""
+
+
+def pack(frames: Sequence[Encoded], budget_bytes: int) -> list[str]:
+    """Join frames into as few WebSocket messages as fit in ``budget_bytes`` each, in order.
+
+    One frame goes out as itself, several as a JSON array (brackets and commas counted). A
+    message over the server's size limit would close the socket (daphne: 1011), so no
+    message may exceed the budget; a single frame that does raises FrameTooLarge.
+    """
+    messages: list[str] = []
+    group: list[str] = []
+    size = 0
+    for frame in frames:
+        if frame.size > budget_bytes:
+            raise FrameTooLarge(f"A {frame.size}-byte frame exceeds {budget_bytes} bytes.")
+        # Joined as "[a,b]": one byte per frame for its comma or bracket, plus one.
+        if group and size + frame.size + 1 + 1 > budget_bytes:
+            messages.append(_join(group))
+            group, size = [], 0
+        group.append(frame.text)
+        size += frame.size + 1
+    if group:
+        messages.append(_join(group))
+    return messages
+
+
+def _join(texts: list[str]) -> str:
+    return texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]"
+
+
+def presence_state_frames(users: Sequence[PresenceLike], budget_bytes: int) -> list[dict[str, Any]]:
+    """``presence_state`` split into frames of at most ``budget_bytes``; all but the last
+    carry ``"more": true`` (a client replaces its list on a first part, then appends)."""
+    ordered = sorted(users, key=lambda u: (u.username, u.id))
+    entries = [{"id": u.id, "username": u.username, "connections": u.connections} for u in ordered]
+    parts = _split_entries(entries, budget_bytes)
+    frames = [{"type": "presence_state", "users": part, "more": True} for part in parts]
+    frames[-1]["more"] = False
+    return frames
+
+
+def read_state_frames(reads: list[tuple[int, str, int]], budget_bytes: int) -> list[dict[str, Any]]:
+    """``read_state`` split into frames of at most ``budget_bytes`` (markers merge)."""
+    entries = [{"user": {"id": uid, "username": name}, "seq": seq} for uid, name, seq in reads]
+    return [{"type": "read_state", "reads": part} for part in _split_entries(entries, budget_bytes)]
+
+
+# Room for the frame around a list of entries ({"type":"presence_state","users":[],...}).
+_ENVELOPE_BYTES = 96
+
+
+def _split_entries(entries: list[dict[str, Any]], budget_bytes: int) -> list[list[Any]]:
+    parts: list[list[Any]] = [[]]
+    size = _ENVELOPE_BYTES
+    for entry in entries:
+        entry_size = len(encode(entry).encode("utf-8")) + 1
+        if parts[-1] and size + entry_size > budget_bytes:
+            parts.append([])
+            size = _ENVELOPE_BYTES
+        parts[-1].append(entry)
+        size += entry_size
+    return parts

@@ -7,6 +7,7 @@ commits, encoded once for every recipient.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from django.utils import timezone
 
 from . import protocol
 from .conf import app_settings
+from .delivery.hub import CONTROL_GROUP, room_group
 from .models import Membership, Message, ReadMarker, Room
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,8 @@ class PostResult:
     created: bool
 
 
-def room_group(room_id: int) -> str:
-    """Name of the channel-layer group of a room's connected sockets."""
-    return f"chat.room.{room_id}"
+class Revoked(Exception):
+    """The user may no longer post here (removed from a private room, or deactivated)."""
 
 
 def visible_rooms(user: AnyUser) -> QuerySet[Room]:
@@ -99,11 +100,26 @@ async def arecent_last_seq(room_id: int, max_age_seconds: float) -> int:
     return value
 
 
-def _check_rate(user: User) -> None:
+def _check_access(room: Room, user: User) -> None:
     # The room lock serialises senders of one room; the limit is per user over all rooms, so
     # also queue this user's concurrent sends (other rooms, other processes) on their row.
-    # A no-op on SQLite, where writers are serialised anyway.
-    get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk").first()
+    # A no-op on SQLite, where writers are serialised anyway. The same read tells whether the
+    # user was deactivated since the socket opened (revocation closes it within a second;
+    # this closes the window before that).
+    active = (
+        get_user_model()
+        .objects.select_for_update()
+        .filter(pk=user.pk)
+        .values_list("is_active", flat=True)
+        .first()
+    )
+    if not active:
+        raise Revoked()
+    if room.is_private and not Membership.objects.filter(room=room, user=user).exists():
+        raise Revoked()
+
+
+def _check_rate(user: User) -> None:
     window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
     # Counting stored messages needs no extra state and holds across processes and tabs.
     recent = Message.objects.filter(user=user, created_at__gte=timezone.now() - window).count()
@@ -124,28 +140,31 @@ def post_message(
 
     ``status`` marks an assistant reply that was stopped or failed; ``check_rate=False`` is for
     the assistant's own replies (their requests are rate-limited instead).
-    Raises RateLimited, or DatabaseError when the database is unavailable.
+    Raises RateLimited, Revoked, or DatabaseError when the database is unavailable.
     """
     with transaction.atomic():
         # The row lock serialises senders of this room (all processes) until commit, so seqs
         # are handed out in commit order, and a rollback returns its seq with it.
-        room = Room.objects.select_for_update().only("id", "slug", "last_seq").get(pk=room_id)
+        room = (
+            Room.objects.select_for_update()
+            .only("id", "slug", "last_seq", "is_private")
+            .get(pk=room_id)
+        )
         if client_id:
             existing = Message.objects.filter(room=room, user=user, client_id=client_id).first()
             if existing is not None:
                 return PostResult(existing, created=False)
         if check_rate:
+            _check_access(room, user)
             _check_rate(user)
         seq = room.last_seq + 1
         Room.objects.filter(pk=room.pk).update(last_seq=seq)
         message = Message.objects.create(
             room=room, seq=seq, user=user, text=text, client_id=client_id, status=status
         )
-        frame_text = protocol.encode(protocol.message_frame(message, room.slug, user))
-        transaction.on_commit(
-            lambda: broadcast(room.pk, {"type": "chat.message", "seq": seq, "text": frame_text}),
-            robust=True,
-        )
+        enc = protocol.message_encoded(message, room.slug, user, app_settings.MAX_SEND_BYTES)
+        event = {"type": protocol.EVENT_MESSAGE, "seq": seq, "text": enc.text, "size": enc.size}
+        transaction.on_commit(lambda: broadcast(room.pk, event), robust=True)
         if "@" in text and apps.is_installed("notifications"):
             # Soft coupling: chat works without the notifications app installed.
             from notifications.mentions import notify_mentions
@@ -155,42 +174,111 @@ def post_message(
 
 
 def broadcast(room_id: int, event: dict[str, Any]) -> None:
-    """Send an already-encoded event to every socket of the room (call after commit)."""
+    """Send an already-encoded event to every process holding sockets of the room (call
+    after commit); each process's room hub hands it to its sockets."""
     layer = get_channel_layer()
     if layer is None:
         return
-    async_to_sync(layer.group_send)(room_group(room_id), event)
+    async_to_sync(layer.group_send)(room_group(room_id), {**event, "room_id": room_id})
+
+
+async def abroadcast(room_id: int, event: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.group_send(room_group(room_id), {**event, "room_id": room_id})
 
 
 async def relay_typing(room_id: int, user: User, active: bool) -> None:
     """Tell the room's other users that ``user`` started or stopped typing (never stored)."""
+    text = protocol.encode(protocol.typing_frame(user, active))
+    await abroadcast(room_id, {"type": protocol.EVENT_TYPING, "user_id": user.pk, "text": text})
+
+
+def _control(event: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    text = protocol.encode(protocol.typing_frame(user, active))
-    await layer.group_send(
-        room_group(room_id), {"type": "chat.typing", "user_id": user.pk, "text": text}
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        async_to_sync(layer.group_send)(CONTROL_GROUP, event)
+        return
+    # Called from async code (a signal fired by an async view): publish without blocking it.
+    task = asyncio.ensure_future(layer.group_send(CONTROL_GROUP, event))
+    _pending_controls.add(task)
+    task.add_done_callback(_pending_controls.discard)
+
+
+_pending_controls: set[asyncio.Future[None]] = set()
+
+
+def revoke_sockets(
+    user_id: int, code: int, *, room_id: int | None = None, session_key: str | None = None
+) -> None:
+    """Close the user's open chat sockets in every process (after the current commit).
+
+    ``room_id`` limits it to one room, ``session_key`` to the sockets of one login session.
+    """
+    event: dict[str, Any] = {"type": protocol.EVENT_REVOKE, "user_id": user_id, "code": code}
+    if room_id is not None:
+        event["room_id"] = room_id
+    if session_key is not None:
+        event["session_key"] = session_key
+    transaction.on_commit(lambda: _control(event), robust=True)
+
+
+def recheck_room(room_id: int) -> None:
+    """Ask every process to close the room's sockets whose users may no longer read it."""
+    event = {"type": protocol.EVENT_RECHECK, "room_id": room_id}
+    transaction.on_commit(lambda: _control(event), robust=True)
+
+
+def allowed_users(room_id: int, user_ids: set[int]) -> set[int] | None:
+    """Those of ``user_ids`` that may still read the room (None: the room is gone)."""
+    room = Room.objects.filter(pk=room_id).values_list("is_private", flat=True).first()
+    if room is None:
+        return None
+    users = get_user_model().objects.filter(pk__in=user_ids, is_active=True)
+    if room:
+        users = users.filter(chat_memberships__room_id=room_id)
+    return set(users.values_list("pk", flat=True))
+
+
+def encoded_messages(room_id: int, after: int, upto: int) -> list[tuple[int, protocol.Encoded]]:
+    """(seq, encoded frame) of messages with ``after < seq <= upto``, oldest first, a batch."""
+    room = Room.objects.only("slug").get(pk=room_id)
+    rows = (
+        Message.objects.filter(room_id=room_id, seq__gt=after, seq__lte=upto)
+        .select_related("user")
+        .order_by("seq")[: app_settings.REPLAY_BATCH_SIZE]
     )
+    budget = app_settings.MAX_SEND_BYTES
+    return [(m.seq, protocol.message_encoded(m, room.slug, m.user, budget)) for m in rows]
 
 
-def message_frames(room: Room, after: int, upto: int, limit: int) -> list[dict[str, Any]]:
-    """Frames of messages with ``after < seq <= upto``, oldest first, at most ``limit``."""
+def message_frames(
+    room: Room, after: int, upto: int, limit: int
+) -> list[tuple[int, protocol.Encoded]]:
+    """(seq, encoded frame) of messages with ``after < seq <= upto``, oldest first, at most
+    ``limit``."""
     rows = (
         Message.objects.filter(room=room, seq__gt=after, seq__lte=upto)
         .select_related("user")
         .order_by("seq")[:limit]
     )
-    return [protocol.message_frame(m, room.slug, m.user) for m in rows]
+    budget = app_settings.MAX_SEND_BYTES
+    return [(m.seq, protocol.message_encoded(m, room.slug, m.user, budget)) for m in rows]
 
 
-def latest_frames(room: Room, upto: int, limit: int) -> list[dict[str, Any]]:
-    """Frames of the last ``limit`` messages with ``seq <= upto``, oldest first."""
+def latest_frames(room: Room, upto: int, limit: int) -> list[tuple[int, protocol.Encoded]]:
+    """(seq, encoded frame) of the last ``limit`` messages with ``seq <= upto``, oldest first."""
     rows = (
         Message.objects.filter(room=room, seq__lte=upto)
         .select_related("user")
         .order_by("-seq")[:limit]
     )
-    return [protocol.message_frame(m, room.slug, m.user) for m in reversed(rows)]
+    budget = app_settings.MAX_SEND_BYTES
+    return [(m.seq, protocol.message_encoded(m, room.slug, m.user, budget)) for m in reversed(rows)]
 
 
 def mark_read(room_id: int, user: User, seq: int) -> int | None:
@@ -211,9 +299,8 @@ def mark_read(room_id: int, user: User, seq: int) -> int | None:
             if not created or upto == 0:
                 return None
         frame_text = protocol.encode(protocol.read_frame(user.pk, user.get_username(), upto))
-        transaction.on_commit(
-            lambda: broadcast(room_id, {"type": "chat.read", "text": frame_text}), robust=True
-        )
+        event = {"type": protocol.EVENT_READ, "text": frame_text}
+        transaction.on_commit(lambda: broadcast(room_id, event), robust=True)
     return upto
 
 
@@ -244,6 +331,8 @@ def rooms_with_unread(user: AnyUser) -> QuerySet[Room]:
 
 
 aget_room_for = database_sync_to_async(get_room_for)
+aallowed_users = database_sync_to_async(allowed_users)
+aencoded_messages = database_sync_to_async(encoded_messages)
 alast_seq = database_sync_to_async(last_seq)
 apost_message = database_sync_to_async(post_message)
 amessage_frames = database_sync_to_async(message_frames)

@@ -15,6 +15,7 @@ from django.test import override_settings
 
 from chat import protocol, services
 from chat.models import ReadMarker, Room
+from chat.presence_hub import TYPING_STARTS_PER_INTERVAL
 from chat.routing import websocket_urlpatterns
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -183,7 +184,16 @@ async def test_typing_is_relayed_to_others_only_and_throttled(
     await a.send({"type": "typing", "active": False})
     assert (await b.until("typing"))["active"] is False
     assert of_type(await a.drain(0.2) + await a2.drain(0.1), "typing") == []
-    # After a stop, a new start is relayed straight away.
+    # After a stop, a new start is relayed straight away...
+    await a.send({"type": "typing", "active": True})
+    assert (await b.until("typing"))["active"] is True
+    # ...but toggling cannot buy relays: an attacker sent [start, stop] x 25 per message and
+    # got 999 relays per member. Now a few starts per interval, each with its stop.
+    for _ in range(3):
+        await a.send([{"type": "typing", "active": True}, {"type": "typing", "active": False}] * 25)
+    relayed = of_type(await b.drain(0.5), "typing")
+    assert len(relayed) <= 2 * TYPING_STARTS_PER_INTERVAL
+    await asyncio.sleep(2.0)  # the interval passes: starts are relayed again
     await a.send({"type": "typing", "active": True})
     assert (await b.until("typing"))["active"] is True
     # Disconnecting while typing clears the indicator.

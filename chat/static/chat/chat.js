@@ -49,6 +49,7 @@
     4401: "You are not logged in any more. Log in again, then reload this page.",
     4403: "You are not allowed in this room.",
     4404: "This room does not exist.",
+    4429: "Too many chat tabs are open for your account. Close some, then reload this page.",
   };
   // Errors for one message that the same frame will hit again later: keep it and retry.
   const RETRYABLE_ERRORS = new Set(["rate_limited", "unavailable"]);

@@ -31,6 +31,7 @@
   };
 
   const online = new Map(); // user id -> {username, connections}
+  let stateContinues = false; // inside a presence_state sent in parts
   const known = new Map(); // user id -> username: everyone seen here, online or not
   const typists = new Map(); // user id -> {username, timer}
   const reads = new Map(); // user id -> {username, seq}
@@ -59,7 +60,9 @@
   function onFrame(frame) {
     switch (frame.type) {
       case "presence_state":
-        online.clear();
+        // A large room's state comes in parts: the first replaces, the rest ("more") append.
+        if (!stateContinues) online.clear();
+        stateContinues = frame.more === true;
         for (const user of frame.users) setOnline(user, user.connections);
         return renderMembers();
       case "presence_diff":

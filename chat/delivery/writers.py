@@ -1,0 +1,181 @@
+"""Writing to one WebSocket without letting a slow reader grow the server.
+
+Two writers, chosen per socket from the ASGI ``send`` the server gave the application:
+
+- ``DaphneWriter``: daphne's ``send`` writes into Twisted's buffer and returns at once
+  (daphne#170), so a client that does not read grows that buffer without bound. This writer
+  hands pre-encoded bytes to the autobahn protocol directly (one UTF-8 encoding per batch for
+  every recipient, none per socket) and reads the transport's buffered byte count: that *is*
+  the socket's outbound backlog.
+- ``AsgiWriter``: any other server (uvicorn, the in-process test communicator). Messages wait
+  in a byte-counted queue drained by one task; ``await send`` applies whatever flow control
+  the server has (uvicorn's websockets waits while its transport is paused).
+
+Both report ``backlog_bytes()``; the socket closes itself once that passes its bound
+(``CHAT_MAX_OUTBOUND_BYTES``, close code 4008) and drops ephemeral frames before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+DRAIN_POLL_SECONDS = 0.01
+
+
+class Writer:
+    """Base: ``write`` never blocks and never raises for a socket that went away."""
+
+    closed = False
+
+    def write(self, text: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def backlog_bytes(self) -> int:
+        raise NotImplementedError
+
+    async def close(self, code: int, *, discard: bool = False) -> None:
+        """Close with ``code``; ``discard`` drops what is still queued (a slow consumer)."""
+        raise NotImplementedError
+
+    async def wait_below(self, max_bytes: int, timeout_seconds: float) -> bool:
+        """Wait until at most ``max_bytes`` are still unsent; False if that took too long.
+
+        For what the server pulls at its own pace (replays): it waits for the client
+        instead of piling a whole room into the buffer. Polls: replays are rare, and
+        neither server offers a drain callback for WebSocket sends.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while self.backlog_bytes() > max_bytes and not self.closed:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+        return True
+
+
+# Middleware layers to look through for daphne's own ``send`` (Channels' session middleware
+# wraps it in a bound method whose object keeps the original as ``real_send``).
+MAX_WRAPPERS = 8
+
+
+def daphne_protocol(send: Send) -> Any | None:
+    """The autobahn WebSocket protocol behind daphne's ``send``, or None for another server."""
+    try:
+        # Imported here: only a running daphne has Twisted and autobahn loaded.
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # pragma: no cover - daphne is a dependency
+        return None
+    current: Any = send
+    for _ in range(MAX_WRAPPERS):
+        if isinstance(current, functools.partial):
+            candidate = current.args[0] if current.args else None
+            return candidate if isinstance(candidate, WebSocketProtocol) else None
+        inner = getattr(getattr(current, "__self__", None), "real_send", None)
+        if inner is None:
+            return None
+        current = inner
+    return None
+
+
+class DaphneWriter(Writer):
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    @property
+    def open(self) -> bool:
+        return not self.closed and self.protocol.state == self.protocol.STATE_OPEN
+
+    def write(self, text: str, data: bytes) -> None:
+        if self.open:
+            self.protocol.sendMessage(data, False)
+
+    def backlog_bytes(self) -> int:
+        transport = getattr(self.protocol, "transport", None)
+        if transport is None:
+            return 0
+        # twisted.internet.abstract.FileDescriptor: written-but-unsent bytes live in
+        # dataBuffer (from offset on) and in the list not yet joined into it.
+        buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+        return buffered + getattr(transport, "_tempDataLen", 0)
+
+    async def close(self, code: int, *, discard: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.protocol.state != self.protocol.STATE_OPEN:
+            return
+        # sendCloseFrame, not sendClose: the latter refuses codes like 1012 (service restart).
+        # A slow consumer (``discard``) gets the close frame after what it has not read: a
+        # client that reads slowly still learns why; one that does not read at all is
+        # dropped by autobahn once its close handshake times out (1 s), freeing the buffer.
+        self.protocol.sendCloseFrame(code=code, isReply=False)
+
+
+class AsgiWriter(Writer):
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._queue: deque[tuple[str, int]] = deque()
+        self._queued_bytes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, text: str, data: bytes) -> None:
+        if self.closed:
+            return
+        self._queue.append((text, len(data)))
+        self._queued_bytes += len(data)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    def backlog_bytes(self) -> int:
+        return self._queued_bytes
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                text, size = self._queue[0]
+                try:
+                    await self._send({"type": "websocket.send", "text": text})
+                except Exception:
+                    # The socket is gone (the server raises on send after a disconnect).
+                    logger.debug("Dropping frames to a closed socket", exc_info=True)
+                    self._queue.clear()
+                    self._queued_bytes = 0
+                    return
+                if self._queue:
+                    self._queue.popleft()
+                    self._queued_bytes -= size
+        finally:
+            self._task = None
+
+    async def close(self, code: int, *, discard: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if discard:
+            self._queue.clear()
+            self._queued_bytes = 0
+        task = self._task
+        if task is not None and not discard:
+            with contextlib.suppress(Exception):
+                await task
+        elif task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self._send({"type": "websocket.close", "code": code})
+
+
+def make_writer(send: Send) -> Writer:
+    protocol = daphne_protocol(send)
+    return DaphneWriter(protocol) if protocol is not None else AsgiWriter(send)
