@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.apps import apps
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import protocol
+from . import mentions, protocol
 from .conf import app_settings
 from .models import Membership, Message, ReadMarker, Room
 
@@ -146,11 +145,8 @@ def post_message(
             lambda: broadcast(room.pk, {"type": "chat.message", "seq": seq, "text": frame_text}),
             robust=True,
         )
-        if "@" in text and apps.is_installed("notifications"):
-            # Soft coupling: chat works without the notifications app installed.
-            from notifications.mentions import notify_mentions
-
-            transaction.on_commit(lambda: notify_mentions(message), robust=True)
+        if mentions.wanted(text, user):
+            transaction.on_commit(lambda: mentions.notify(message), robust=True)
     return PostResult(message, created=True)
 
 
