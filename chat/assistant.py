@@ -40,6 +40,7 @@ from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, IntegrityError
+from django.db.models.functions import Left
 from django.utils import timezone
 
 from . import assistant_protocol as ap
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 REQUEST_PREFIX = "@assistant"
 _REQUEST = re.compile(r"@assistant(?![\w-])", re.IGNORECASE)
+# is_request() reads the mention and the one character after it, no more (re folds case one
+# code point at a time, so the mention is always 10 characters): the rate limit can then
+# decide from these first characters alone.
+REQUEST_PREFIX_CHARS = len(REQUEST_PREFIX) + 1
 STREAM_ID_PREFIX = "asst-"
 _END = object()
 
@@ -70,7 +75,7 @@ class AssistantRefused(Exception):
 
 def is_request(text: str) -> bool:
     """Whether a room message asks the assistant (it starts with ``@assistant``)."""
-    return _REQUEST.match(text) is not None
+    return _REQUEST.match(text, 0, REQUEST_PREFIX_CHARS) is not None
 
 
 def control_group(room_id: int) -> str:
@@ -255,10 +260,17 @@ async def _check_rate(user: User) -> None:
 
 @database_sync_to_async
 def _count_recent_requests(user_id: int) -> int:
+    # Counted with is_request() itself: an SQL case-insensitive match folds case its own way
+    # (SQLite: ASCII only), and "@a\u017f\u017fi\u017ftant" once got replies without counting.
+    # Only the first characters of this user's messages in the window are read, and the chat
+    # rate limit (CHAT_RATE_LIMIT_MESSAGES) bounds how many messages that is.
     since = timezone.now() - timedelta(seconds=app_settings.ASSISTANT_RATE_LIMIT_WINDOW_SECONDS)
-    return Message.objects.filter(
-        user_id=user_id, created_at__gte=since, text__istartswith=REQUEST_PREFIX
-    ).count()
+    prefixes = (
+        Message.objects.filter(user_id=user_id, created_at__gte=since, text__startswith="@")
+        .annotate(prefix=Left("text", REQUEST_PREFIX_CHARS))
+        .values_list("prefix", flat=True)
+    )
+    return sum(1 for prefix in prefixes if is_request(prefix))
 
 
 # --- the runner ------------------------------------------------------------------------------

@@ -66,11 +66,25 @@ def _parse_message(index: int, item: Any, limits: RequestLimits) -> ChatMessage:
         raise BadRequest(BAD_REQUEST, f"{where}.role must be one of {', '.join(ROLES)}.")
     if not isinstance(content, str):
         raise BadRequest(BAD_REQUEST, f"{where}.content must be a string.")
+    if not _is_utf8_encodable(content):
+        raise BadRequest(
+            BAD_REQUEST, f"{where}.content holds half a surrogate pair (invalid Unicode)."
+        )
     if len(content) > limits.max_content_chars:
         raise BadRequest(
             TOO_LONG, f"{where}.content is longer than {limits.max_content_chars} characters."
         )
     return ChatMessage(role=cast(Any, role), content=content)
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    # JSON's \uXXXX escapes can spell a lone surrogate, which no UTF-8 writer accepts: it
+    # would abort the reply stream (or the upstream request) after the 200 went out.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- room frames (WebSocket, see docs/protocol.md "Assistant") -----------------------------

@@ -8,8 +8,9 @@ holds no database connection between pages and a cancelled export cannot leave o
 next page is read while the current one is sent; ``chat.backpressure`` makes that sending wait
 for the client under daphne, so at most about two pages are held per export.
 
-Every row is built with ``protocol.message_frame``: an NDJSON line is exactly the WebSocket
-message frame; a CSV row is the same fields, flattened. docs/protocol.md describes both.
+Every row is built with ``protocol.message_frame``: an NDJSON line is the WebSocket message
+frame (the same bytes but for three escaped line separators); a CSV row is the same fields,
+flattened. docs/protocol.md describes both.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ CSV_COLUMNS = (
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # Excel reads a CSV file as UTF-8 only when it starts with a byte order mark.
 UTF8_BOM = "\ufeff"
+# JSON leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR raw inside strings, but Python's
+# str.splitlines(), editors and other line readers break lines at them, and JavaScript before
+# ES2019 refuses them in a string literal (JSON pasted into a script): an NDJSON line must
+# hold no line break but its final \n. (The other characters splitlines() breaks at are
+# control characters, which JSON escapes anyway.)
+LINE_BREAKS_TO_ESCAPE = {ord(c): f"\\u{ord(c):04x}" for c in "\u0085\u2028\u2029"}
 # Pages shrink below CHAT_EXPORT_PAGE_SIZE rows when texts are long, so that one page (the
 # rows, then the encoded chunk) stays near this size: 2000 texts of 4000 emoji would be 32 MB.
 TARGET_CHUNK_BYTES = 1024 * 1024
@@ -95,9 +102,15 @@ def csv_header() -> bytes:
     return (UTF8_BOM + buffer.getvalue()).encode("utf-8")
 
 
+def ndjson_line(frame: dict[str, Any]) -> str:
+    """The frame as the WebSocket sends it, with LINE_BREAKS_TO_ESCAPE escaped, and ``\\n``."""
+    # JSON allows these raw only inside strings, so the escape decodes to the same value.
+    return protocol.encode(frame).translate(LINE_BREAKS_TO_ESCAPE) + "\n"
+
+
 def encode_ndjson(frames: Iterable[dict[str, Any]]) -> bytes:
-    """One frame per line, each exactly as the WebSocket sends it, ``\\n`` after each."""
-    return "".join(protocol.encode(frame) + "\n" for frame in frames).encode("utf-8")
+    """One frame per line, ``\\n`` after each; nothing else a reader could split a line at."""
+    return "".join(ndjson_line(frame) for frame in frames).encode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
-from django.apps import apps
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import protocol
+from . import mentions, protocol
 from .conf import app_settings
 from .delivery.hub import CONTROL_GROUP, room_group
 from .models import Membership, Message, ReadMarker, Room
@@ -165,11 +164,8 @@ def post_message(
         enc = protocol.message_encoded(message, room.slug, user, app_settings.MAX_SEND_BYTES)
         event = {"type": protocol.EVENT_MESSAGE, "seq": seq, "text": enc.text, "size": enc.size}
         transaction.on_commit(lambda: broadcast(room.pk, event), robust=True)
-        if "@" in text and apps.is_installed("notifications"):
-            # Soft coupling: chat works without the notifications app installed.
-            from notifications.mentions import notify_mentions
-
-            transaction.on_commit(lambda: notify_mentions(message), robust=True)
+        if mentions.wanted(text, user):
+            transaction.on_commit(lambda: mentions.notify(message), robust=True)
     return PostResult(message, created=True)
 
 

@@ -63,8 +63,18 @@ class NotificationsSettings:
 
     @property
     def MAX_MENTIONS(self) -> int:
-        """Most distinct ``@username`` mentions of one chat message that notify anyone."""
-        return int(self._get("MAX_MENTIONS", 20))
+        """Most users one chat message's ``@username`` mentions notify (the first mentioned)."""
+        return int(self._get("MAX_MENTIONS", 5))
+
+    @property
+    def MENTION_RATE_LIMIT(self) -> int:
+        """Most mention notifications one sender's messages cause per window, all processes."""
+        return int(self._get("MENTION_RATE_LIMIT", 20))
+
+    @property
+    def MENTION_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``MENTION_RATE_LIMIT``."""
+        return float(self._get("MENTION_RATE_LIMIT_WINDOW_SECONDS", 60.0))
 
     @property
     def CHANNEL_LAYER(self) -> str:

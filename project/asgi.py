@@ -22,15 +22,18 @@ http_app = DaphneBackpressure(ASGIStaticFilesHandler(django_asgi_app))
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 import chat.routing  # noqa: E402
+from realtime_kit.not_found import not_found_route  # noqa: E402
+from realtime_kit.origin import CsrfOriginValidator  # noqa: E402
 
+# Handshakes get Django's CSRF origin rule (realtime_kit/origin.py); a path no app routes is
+# closed with 4404 instead of a 500 (realtime_kit/not_found.py).
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(chat.routing.websocket_urlpatterns))
+        "websocket": CsrfOriginValidator(
+            AuthMiddlewareStack(URLRouter([*chat.routing.websocket_urlpatterns, not_found_route()]))
         ),
     }
 )

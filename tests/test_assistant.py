@@ -372,6 +372,31 @@ async def test_requests_are_rate_limited(llm: FakeOpenAI, people: dict[str, User
     await alice.close()
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "@a\u017f\u017fi\u017ftant",  # LONG S: case-folds to s
+        "@ASS\u0130STANT",  # CAPITAL I WITH DOT ABOVE: case-folds to i
+    ],
+)
+async def test_unicode_spellings_of_a_request_count_against_the_limit(
+    llm: FakeOpenAI, people: dict[str, User], spelling: str
+) -> None:
+    # Whatever is_request() calls a request (it folds case the Unicode way) must be counted
+    # by the same rule: SQLite's LIKE folds ASCII only, so these once bypassed the limit.
+    assert assistant.is_request(f"{spelling} hi")
+    llm.scenario = Scenario(tokens=["ok"])
+    alice = await Member(people["alice"]).connect()
+    with override_settings(CHAT_ASSISTANT_RATE_LIMIT_REPLIES=2):
+        for n in range(2):
+            await ended(alice, (await ask(alice, f"{spelling} question {n}"))["stream_id"])
+        await alice.post(f"{spelling} once more")
+        error = await alice.frame("error")
+    assert error["code"] == "rate_limited"
+    assert len(llm.records()) == 2
+    await alice.close()
+
+
 async def test_resent_request_does_not_ask_twice(llm: FakeOpenAI, people: dict[str, User]) -> None:
     llm.scenario = Scenario(tokens=["once"])
     alice = await Member(people["alice"]).connect()

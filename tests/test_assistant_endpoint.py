@@ -180,6 +180,18 @@ async def test_bad_bodies_are_refused_before_any_upstream_call(
     assert openai_backend.records() == []
 
 
+async def test_lone_surrogate_is_a_400_not_a_broken_stream(
+    client: AsyncClient, demo_backend: None
+) -> None:
+    # The demo backend quotes the question: this once answered 200 and then aborted the
+    # stream with UnicodeEncodeError.
+    body = b'{"messages": [{"role": "user", "content": "half a pair: \\ud83d"}]}'
+    response = await post(client, body)
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "bad_request"
+
+
 async def test_anonymous_gets_401(demo_backend: None) -> None:
     response = await post(AsyncClient(), {"messages": QUESTION})
     assert response.status_code == 401

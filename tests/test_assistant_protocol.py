@@ -84,3 +84,16 @@ def test_bad_requests(body: object, content_type: str, code: str) -> None:
         parse(body, content_type)
     assert info.value.code == code
     assert info.value.message
+
+
+@pytest.mark.parametrize("content", ["\ud800", "a\udfffb", "\ude00\ud83d", "x" * 5 + "\udbff"])
+def test_lone_surrogates_are_refused(content: str) -> None:
+    # JSON's \uXXXX escapes can spell half a pair; such a string cannot be encoded as UTF-8,
+    # so it would abort the reply stream (or the upstream request) mid-way.
+    with pytest.raises(ap.BadRequest) as info:
+        parse({"messages": [{"role": "user", "content": content}]})
+    assert info.value.code == ap.BAD_REQUEST
+    assert "messages[0].content" in info.value.message
+    # A whole pair, escaped, is one character and passes.
+    pair = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+    assert parse(pair)[0]["content"] == "\U0001f600"

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
 from tests.conftest import base_env, copy_sqlite
 from tests.servers import (
@@ -142,25 +142,6 @@ async def test_close_4404_no_such_room(daphne: DaphneServer) -> None:
     assert await close_code(daphne, "/ws/chat/no-such-room/", alice) == 4404
     # Without a session, every room looks the same: nobody can probe which slugs exist.
     assert await close_code(daphne, "/ws/chat/no-such-room/", None) == 4401
-
-
-@pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1.evil.example", None])
-async def test_foreign_or_missing_origin_refused_at_handshake(
-    daphne: DaphneServer, origin: str | None
-) -> None:
-    cookie = await login(daphne.base_url, "alice")
-    with pytest.raises(InvalidStatus) as info:
-        await ws_connect(daphne, "/ws/chat/lobby/", cookie, origin=origin)
-    assert info.value.response.status_code == 403
-
-
-async def test_allowed_host_origin_accepted(daphne: DaphneServer) -> None:
-    cookie = await login(daphne.base_url, "alice")
-    ws = await ws_connect(
-        daphne, "/ws/chat/lobby/", cookie, origin=f"http://localhost:{daphne.port}"
-    )
-    assert (await recv_chat_frames(ws))[0]["type"] == "hello"
-    await ws.close()
 
 
 # --- history ---------------------------------------------------------------------------------

@@ -133,6 +133,41 @@ def test_ndjson_keeps_unicode_unescaped() -> None:
     assert "😀".encode() in export.encode_ndjson([frame(text="😀")])
 
 
+# Characters that str.splitlines(), many line readers and pre-ES2019 JavaScript take for line
+# breaks, and that JSON allows raw inside strings.
+LINE_SEPARATORS = ("\u0085", "\u2028", "\u2029")
+
+
+def test_ndjson_escapes_what_line_readers_take_for_line_breaks() -> None:
+    frames = [frame(seq=n, text=f"a{sep}b{sep}") for n, sep in enumerate(LINE_SEPARATORS, 1)]
+    data = export.encode_ndjson(frames)
+    for sep in LINE_SEPARATORS:
+        assert sep.encode() not in data
+        assert f"\\u{ord(sep):04x}".encode() in data
+    lines = data.decode("utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == frames
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_ndjson_download_has_one_line_per_message() -> None:
+    # The real bytes of GET /chat/<slug>/export/, read line by line as a program would.
+    from django.test import AsyncClient
+
+    user = await User.objects.acreate(username="alice")
+    room = await Room.objects.acreate(slug="lobby", title="Lobby", last_seq=4)
+    texts = [f"before{sep}after" for sep in LINE_SEPARATORS] + ["\u2028\u2029\x85"]
+    for seq, text in enumerate(texts, 1):
+        await Message.objects.acreate(room=room, seq=seq, user=user, text=text)
+    client = AsyncClient()
+    await client.aforce_login(user)
+    response: Any = await client.get("/chat/lobby/export/?format=ndjson")
+    assert response.status_code == 200
+    body = b"".join([chunk async for chunk in response.streaming_content])
+    assert not any(sep.encode() in body for sep in LINE_SEPARATORS)
+    lines = io.TextIOWrapper(io.BytesIO(body), encoding="utf-8").read().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == texts
+
+
 def test_ndjson_of_nothing_is_empty() -> None:
     assert export.encode_ndjson([]) == b""
     assert export.FORMATS["ndjson"].header() == b""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator, Mapping
+from datetime import timedelta
 from http.cookies import SimpleCookie
 from typing import Any
 
@@ -22,6 +23,7 @@ from django.core.asgi import get_asgi_application
 from django.core.management import CommandError, call_command
 from django.test import Client, override_settings
 from django.urls import reverse
+from django.utils import timezone
 
 from chat import services as chat_services
 from chat.models import Membership, Room
@@ -29,7 +31,7 @@ from notifications import anotify, notify, protocol, services
 from notifications.checks import check_notifications_settings
 from notifications.hub import UNKNOWN_START, Range, Subscription, UnreadChanged, get_hub
 from notifications.mentions import mentioned_usernames
-from notifications.models import Notification
+from notifications.models import MentionLog, Notification
 from notifications.streams import active_streams
 
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -594,6 +596,70 @@ def test_mentions_in_chat_notify_members_only() -> None:
     ]
 
 
+def mention_all(users: list[User]) -> str:
+    return " ".join(f"@{user.username}" for user in users)
+
+
+def notified_by(author: str) -> list[str]:
+    """Usernames of the recipients of ``author``'s mentions, oldest first."""
+    mentions = Notification.objects.filter(title__startswith=f"{author} mentioned you")
+    return list(mentions.order_by("id").values_list("recipient__username", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_message_notifies_at_most_max_mentions() -> None:
+    alice = User.objects.create_user("alice")
+    users = make_users(12)
+    lobby = Room.objects.create(slug="lobby", title="Lobby")
+    # Mentioned in reverse: the first five mentioned win, not the five oldest accounts.
+    chat_services.post_message(lobby.pk, alice, mention_all(users[::-1]))
+    assert sorted(notified_by("alice")) == sorted(u.username for u in users[-5:])
+    with override_settings(NOTIFICATIONS_MAX_MENTIONS=2):
+        chat_services.post_message(lobby.pk, alice, mention_all(users))
+    assert notified_by("alice")[5:] == ["user0", "user1"]
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(
+    NOTIFICATIONS_MENTION_RATE_LIMIT=7, NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS=60
+)
+def test_mentions_of_one_sender_are_limited_per_window() -> None:
+    alice = User.objects.create_user("alice")
+    bob = User.objects.create_user("bob")
+    users = make_users(9)
+    lobby = Room.objects.create(slug="lobby", title="Lobby")
+    for start in (0, 3, 6):
+        chat_services.post_message(lobby.pk, alice, mention_all(users[start : start + 3]))
+    chat_services.post_message(lobby.pk, alice, mention_all(users))
+    # 3 + 3, then 1 of the third message's 3; the fourth message finds no budget left.
+    assert notified_by("alice") == [u.username for u in users[:7]]
+    # Another sender has a budget of their own.
+    chat_services.post_message(lobby.pk, bob, "@user8")
+    assert notified_by("bob") == ["user8"]
+    # Once the window has passed, alice may mention again.
+    MentionLog.objects.update(created_at=timezone.now() - timedelta(seconds=61))
+    chat_services.post_message(lobby.pk, alice, "@user8 @user7")
+    assert sorted(notified_by("alice")[7:]) == ["user7", "user8"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_assistant_is_never_mentioned_and_mentions_nobody() -> None:
+    alice = User.objects.create_user("alice")
+    User.objects.create_user("bob")
+    assistant = User.objects.create_user("assistant")  # CHAT_ASSISTANT_USERNAME
+    lobby = Room.objects.create(slug="lobby", title="Lobby")
+    chat_services.post_message(lobby.pk, alice, "@assistant what does @bob think?")
+    assert notified_by("alice") == ["bob"]
+    # Its replies say what the requester asked for: mentions in them would notify people on
+    # its behalf, outside the requester's limits.
+    chat_services.post_message(lobby.pk, assistant, "@bob @alice: see above", check_rate=False)
+    assert notified_by("assistant") == []
+    with override_settings(CHAT_ASSISTANT_USERNAME="helper"):
+        User.objects.create_user("helper")
+        chat_services.post_message(lobby.pk, alice, "@helper @assistant")
+    assert notified_by("alice") == ["bob", "assistant"]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_chat_works_without_notifications_installed(settings: Any) -> None:
     alice = User.objects.create_user("alice")
@@ -613,6 +679,16 @@ def test_checks_refuse_bad_settings() -> None:
     errors = check_notifications_settings()
     assert {e.id for e in errors} == {"notifications.E001"}
     assert len(errors) == 2
+
+
+@override_settings(
+    NOTIFICATIONS_MENTION_RATE_LIMIT=-1, NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS=0
+)
+def test_checks_refuse_bad_mention_limits() -> None:
+    errors = check_notifications_settings()
+    assert [e.id for e in errors] == ["notifications.E001", "notifications.E001"]
+    assert "NOTIFICATIONS_MENTION_RATE_LIMIT " in errors[0].msg
+    assert "NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS" in errors[1].msg
 
 
 @override_settings(CHANNEL_LAYERS={})
