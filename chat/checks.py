@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
+from realtime_kit.limit_stores import url_problem
+
 from .conf import app_settings
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 
@@ -25,6 +27,8 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
         "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
         "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,
+        "CHAT_LEASE_TTL_SECONDS": app_settings.LEASE_TTL_SECONDS,
+        "CHAT_MAX_SOCKETS_PER_USER": app_settings.MAX_SOCKETS_PER_USER,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -58,4 +62,33 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 id="chat.W301",
             )
         )
+    errors.extend(_check_limits_store())
     return errors
+
+
+def _check_limits_store() -> list[CheckMessage]:
+    problem = url_problem(app_settings.REDIS_URL)
+    if problem is not None:
+        return [
+            Error(
+                f"CHAT_REDIS_URL: {problem}.",
+                hint="Use '' to count per-user limits in each process, or redis://host:6379/0.",
+                id="chat.E004",
+            )
+        ]
+    if not app_settings.REDIS_URL and _layers_cross_processes():
+        return [
+            Warning(
+                "The channel layer is shared by several processes but CHAT_REDIS_URL is "
+                "empty: per-user limits (sockets, assistant replies and panel streams) are "
+                "counted in each process, so a user gets them once per process.",
+                hint="Set CHAT_REDIS_URL to the Redis of the channel layer.",
+                id="chat.W002",
+            )
+        ]
+    return []
+
+
+def _layers_cross_processes() -> bool:
+    layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    return any("channels_redis" in str(layer.get("BACKEND", "")) for layer in layers.values())

@@ -97,7 +97,11 @@ class LeaseKeeper:
 
     def held(self, key_prefix: str = "") -> int:
         """Leases held here (those whose key starts with ``key_prefix``)."""
-        return sum(1 for _, ref in self._held if ref.key.startswith(key_prefix))
+        return sum(1 for key in self.held_keys() if key.startswith(key_prefix))
+
+    def held_keys(self) -> list[str]:
+        """The key of every lease held here (once per lease)."""
+        return [ref.key for _, ref in list(self._held)]
 
     @property
     def running(self) -> bool:
@@ -225,6 +229,11 @@ def get_keeper() -> LeaseKeeper:
     return keeper
 
 
+def held_keys() -> list[str]:
+    """The key of every lease this process holds, all event loops together."""
+    return [key for keeper in list(_keepers.values()) for key in keeper.held_keys()]
+
+
 class Lease:
     """A held lease; ``release`` and ``release_soon`` are idempotent."""
 
@@ -292,6 +301,14 @@ class UserLimit:
         """Release by name (prefer ``Lease.release``, which survives a settings change)."""
         store = lease_store(self._config().url)
         await get_keeper().release(store, self.key(user_id), holder_id)
+
+    def held_here(self, user_id: int | None = None) -> int:
+        """Leases of this limit held by this process (of one user, or of everyone)."""
+        if user_id is not None:
+            key = self.key(user_id)
+            return sum(1 for held in held_keys() if held == key)
+        prefix = f"{self._config().key_prefix}:{self.name}:"
+        return sum(1 for held in held_keys() if held.startswith(prefix))
 
     async def count(self, user_id: int) -> int:
         """Live leases of the user, all processes together (raises ``StoreUnavailable``)."""
