@@ -44,6 +44,7 @@ A cancelled ``acquire`` may leave its lease in the store unrefreshed: it expires
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -92,7 +93,8 @@ class LeaseKeeper:
         self._held: dict[tuple[BaseLeaseStore, LeaseRef], float] = {}  # -> TTL in seconds
         self._task: asyncio.Task[None] | None = None
         self._deletes: set[asyncio.Task[None]] = set()
-        self._failing = False
+        self._failing = False  # the store failed last time: log once per outage
+        self._refreshing = False
         self._rng = random.Random()  # noqa: S311  (jitter, not secrets)
 
     def held(self, key_prefix: str = "") -> int:
@@ -120,11 +122,13 @@ class LeaseKeeper:
         """Take a lease and keep it refreshed until released; False when at the limit."""
         try:
             acquired = await store.acquire(key, holder_id, limit, ttl_seconds)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
             if not fail_open:
                 raise
-            logger.warning("Lease store unavailable: admitting %s without counting it", key)
             acquired = True  # remembered: the first refresh that gets through records it
+        else:
+            self._store_answered()
         if acquired:
             self._held[(store, LeaseRef(key, holder_id))] = ttl_seconds
             self._start()
@@ -140,21 +144,23 @@ class LeaseKeeper:
     def release_soon(self, store: BaseLeaseStore, key: str, holder_id: str) -> None:
         """``release`` for synchronous code and finalizers, from any thread."""
         ref = LeaseRef(key, holder_id)
-        if threading.get_ident() == self._thread:
-            self._release(store, ref)
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._release, store, ref)
-        # else: the loop is gone, nobody refreshes the lease: it expires one TTL from now.
+        # A closed loop has nobody refreshing the lease either: it expires one TTL from now.
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            if threading.get_ident() == self._thread:
+                self._release(store, ref)
+            else:
+                self._loop.call_soon_threadsafe(self._release, store, ref)
 
-    def _release(self, store: BaseLeaseStore, ref: LeaseRef) -> asyncio.Task[None]:
+    def _release(self, store: BaseLeaseStore, ref: LeaseRef) -> asyncio.Future[None]:
         # Forgotten first, so that no later refresh re-creates it.
         self._held.pop((store, ref), None)
-        if not self._held and self._task is not None:
+        # A refresh in flight finishes (and deletes what it re-created); a sleep is cut short.
+        if not self._held and self._task is not None and not self._refreshing:
             self._task.cancel()
             self._task = None
         return self._delete_later(store, ref)
 
-    def _delete_later(self, store: BaseLeaseStore, ref: LeaseRef) -> asyncio.Task[None]:
+    def _delete_later(self, store: BaseLeaseStore, ref: LeaseRef) -> asyncio.Future[None]:
         task = self._loop.create_task(self._delete(store, ref), context=contextvars.Context())
         self._deletes.add(task)
         task.add_done_callback(self._deletes.discard)
@@ -178,11 +184,14 @@ class LeaseKeeper:
     async def _run(self) -> None:
         while self._held:
             await asyncio.sleep(self._period_seconds())
+            self._refreshing = True
             try:
                 await self.refresh_now()
             except Exception:
                 # Keep refreshing: a dead task would let every lease of this process expire.
                 logger.exception("Refreshing leases failed")
+            finally:
+                self._refreshing = False
 
     async def refresh_now(self) -> None:
         """Refresh every held lease: one store call per store and TTL."""
@@ -193,19 +202,25 @@ class LeaseKeeper:
             try:
                 missing = await store.refresh(refs, ttl)
             except StoreUnavailable as exc:
-                if not self._failing:
-                    logger.warning("Refreshing %d leases failed (retrying): %s", len(refs), exc)
-                self._failing = True
+                self._store_failed(exc)
                 continue
-            if self._failing:
-                logger.info("Lease store reachable again")
-                self._failing = False
+            self._store_answered()
             if missing:
                 logger.info("Re-created %d leases the store had lost", missing)
             # A lease released while this refresh was in flight may have been re-created.
             for ref in refs:
                 if (store, ref) not in self._held:
                     self._delete_later(store, ref)
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        if not self._failing:
+            logger.warning("Lease store unavailable (retried at each refresh): %s", exc)
+        self._failing = True
+
+    def _store_answered(self) -> None:
+        if self._failing:
+            logger.info("Lease store reachable again")
+        self._failing = False
 
     async def aclose(self) -> None:
         """Release every lease and wait for the deletions (a graceful shutdown)."""

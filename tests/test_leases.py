@@ -331,17 +331,32 @@ async def test_keeper_refreshes_in_the_background_and_stops_when_empty() -> None
 
 
 class GatedStore(MemoryLeaseStore):
-    """A memory store whose refresh waits for ``gate``: a refresh slower than a release."""
+    """A memory store whose refresh is applied only once ``gate`` opens, like a Redis script
+    still on its way: once sent, it runs even if the caller is cancelled meanwhile. It
+    extends by a long TTL, so only a release (not expiry) frees what it re-creates."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
         self.refreshing = asyncio.Event()
+        self.applied = asyncio.Event()
 
     async def refresh(self, leases: Sequence[LeaseRef], ttl_seconds: float) -> int:
+        async def at_the_server() -> int:
+            await self.gate.wait()
+            missing = await MemoryLeaseStore.refresh(self, leases, LONG_TTL_SECONDS)
+            self.applied.set()
+            return missing
+
         self.refreshing.set()
-        await self.gate.wait()
-        return await super().refresh(leases, ttl_seconds)
+        return await asyncio.shield(asyncio.ensure_future(at_the_server()))
+
+
+async def wait_until_free(store: BaseLeaseStore, key: str, keeper: LeaseKeeper) -> None:
+    deadline = time.monotonic() + 5
+    while await store.count(key) != 0 or keeper.running:
+        assert time.monotonic() < deadline, "a released lease was re-created and left behind"
+        await asyncio.sleep(0.01)
 
 
 async def test_a_release_during_a_refresh_is_not_undone() -> None:
@@ -354,9 +369,22 @@ async def test_a_release_during_a_refresh_is_not_undone() -> None:
     assert await store.count(key) == 0
     store.gate.set()
     await refresh  # re-created "a", then deleted it again
-    await asyncio.sleep(0.05)
-    assert await store.count(key) == 0
+    await store.applied.wait()
+    await wait_until_free(store, key, keeper)
     assert await store.acquire(key, "b", 1, LONG_TTL_SECONDS)
+
+
+async def test_the_last_release_lets_a_background_refresh_finish() -> None:
+    store, keeper = GatedStore(), LeaseKeeper(asyncio.get_running_loop())
+    key = unique_key()
+    assert await keeper.acquire(store, key, "a", 1, SHORT_TTL_SECONDS, fail_open=False)
+    # The keeper's own task starts a refresh; the last lease is released meanwhile. The task
+    # must look again when the refresh answers, not be cancelled before.
+    await asyncio.wait_for(store.refreshing.wait(), PAST_SHORT_TTL_SECONDS * 5)
+    await keeper.release(store, key, "a")
+    store.gate.set()
+    await store.applied.wait()
+    await wait_until_free(store, key, keeper)
 
 
 async def test_release_soon_from_another_thread_and_a_cancelled_release() -> None:

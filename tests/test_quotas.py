@@ -9,6 +9,7 @@ import pytest
 from django.test import override_settings
 
 from chat import quotas
+from chat.checks import check_chat_settings
 from realtime_kit.leases import Lease, get_keeper
 from realtime_kit.limit_stores import lease_store
 from tests.servers import free_port
@@ -90,3 +91,30 @@ async def test_redis_down_sockets_fail_open_assistant_fails_closed() -> None:
             assert get_keeper().held() == 0
         finally:
             await lease_store(dead).close()
+
+
+# --- settings checks ------------------------------------------------------------------------
+
+REDIS_LAYER = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"}}
+
+
+def chat_check_ids() -> list[str]:
+    return [m.id or "" for m in check_chat_settings()]
+
+
+def test_checks_refuse_a_bad_redis_url_and_bad_values() -> None:
+    with override_settings(CHAT_REDIS_URL="127.0.0.1:6379"):
+        assert "chat.E004" in chat_check_ids()
+    with override_settings(CHAT_LEASE_TTL_SECONDS=0, CHAT_MAX_SOCKETS_PER_USER=-1):
+        messages = [m.msg for m in check_chat_settings() if m.id == "chat.E001"]
+        assert len(messages) == 2
+        assert any("CHAT_LEASE_TTL_SECONDS" in m for m in messages)
+    with override_settings(CHAT_REDIS_URL="redis://127.0.0.1:6379/0"):
+        assert not {"chat.E004", "chat.W002"} & set(chat_check_ids())
+
+
+def test_checks_warn_when_processes_share_a_layer_but_not_the_limits() -> None:
+    with override_settings(CHANNEL_LAYERS=REDIS_LAYER, CHAT_REDIS_URL=""):
+        assert "chat.W002" in chat_check_ids()
+    with override_settings(CHANNEL_LAYERS=REDIS_LAYER, CHAT_REDIS_URL="redis://h:6379/0"):
+        assert "chat.W002" not in chat_check_ids()
