@@ -19,9 +19,10 @@ and the partial text stored with that mark. Every path closes the upstream strea
 the registry; database work goes through ``database_sync_to_async``, which releases the
 thread's connection around each call.
 
-Limits: ``CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER`` running replies per user (counted in this
-process) and ``CHAT_ASSISTANT_RATE_LIMIT_REPLIES`` requests per window (counted from stored
-messages, so across processes).
+Limits: ``CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER`` running replies per user (a lease of
+``quotas.room_replies``, held while the reply runs: across processes with ``CHAT_REDIS_URL``)
+and ``CHAT_ASSISTANT_RATE_LIMIT_REPLIES`` requests per window (counted from stored messages,
+so across processes).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from django.db import DatabaseError, IntegrityError
 from django.db.models.functions import Left
 from django.utils import timezone
 
+from realtime_kit.leases import Lease
+
 from . import assistant_protocol as ap
-from . import protocol, services
+from . import protocol, quotas, services
 from .conf import app_settings
 from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
 from .models import Message, Room
@@ -107,6 +110,7 @@ class Reply:
     next_index: int = 0
     started: bool = False  # assistant.start was broadcast: snapshots may be answered
     stop_requested: bool = False
+    lease: Lease | None = None  # the requester's place among their running replies
     task: asyncio.Task[None] | None = None
     next_delta: asyncio.Task[Any] | None = None
 
@@ -144,15 +148,14 @@ class ReplyRegistry:
     def running(self, room_id: int | None = None) -> list[Reply]:
         return [r for r in self._replies.values() if room_id is None or r.room_id == room_id]
 
-    def count_for(self, user_id: int) -> int:
-        return sum(1 for r in self._replies.values() if r.requester_id == user_id)
-
     def add(self, reply: Reply) -> None:
         self._replies[reply.stream_id] = reply
 
     def discard(self, reply: Reply) -> None:
         if self._replies.get(reply.stream_id) is reply:
             del self._replies[reply.stream_id]
+        if reply.lease is not None:
+            reply.lease.release_soon()
 
     def launch(self, reply: Reply, backend: BaseLLMBackend) -> None:
         # A fresh context: the task must not inherit the requester's (e.g. an HTTP request's
@@ -180,13 +183,6 @@ registry = ReplyRegistry()
 
 async def request_reply(room: Room, user: User, message: Message) -> Reply:
     """Start a reply to ``message`` in ``room``; raise AssistantRefused when over a limit."""
-    limit = app_settings.ASSISTANT_MAX_CONCURRENT_PER_USER
-    if registry.count_for(user.pk) >= limit:
-        raise AssistantRefused(
-            ap.ASSISTANT_BUSY,
-            f"You already have {limit} assistant repl{'y' if limit == 1 else 'ies'} running: "
-            "wait for it to finish, or stop it.",
-        )
     reply = Reply(
         stream_id=STREAM_ID_PREFIX + uuid.uuid4().hex,
         room_id=room.pk,
@@ -196,7 +192,7 @@ async def request_reply(room: Room, user: User, message: Message) -> Reply:
         request_seq=message.seq,
         demo=False,
     )
-    # Counted from now on, so two sockets of one user cannot both pass the check above.
+    reply.lease = await _hold_place(user.pk, reply.stream_id)
     registry.add(reply)
     try:
         await _check_rate(user)
@@ -207,6 +203,24 @@ async def request_reply(room: Room, user: User, message: Message) -> Reply:
     reply.demo = backend.is_demo
     registry.launch(reply, backend)
     return reply
+
+
+async def _hold_place(user_id: int, stream_id: str) -> Lease:
+    try:
+        lease = await quotas.room_replies.acquire(user_id, stream_id)
+    except quotas.StoreUnavailable:
+        logger.warning("Counting running assistant replies failed", exc_info=True)
+        raise AssistantRefused(
+            protocol.UNAVAILABLE, "The assistant is unavailable; retry."
+        ) from None
+    if lease is None:
+        limit = quotas.room_replies.limit
+        raise AssistantRefused(
+            ap.ASSISTANT_BUSY,
+            f"You already have {limit} assistant repl{'y' if limit == 1 else 'ies'} running: "
+            "wait for it to finish, or stop it.",
+        )
+    return lease
 
 
 async def request_stop(

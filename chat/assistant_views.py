@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
@@ -22,6 +22,8 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
+
+from realtime_kit.leases import Lease
 
 from . import assistant_protocol, quotas, sse
 from .conf import app_settings
@@ -70,67 +72,42 @@ async def assistant_stream(request: HttpRequest) -> HttpResponseBase:
         )
     except assistant_protocol.BadRequest as exc:
         return error_response(400, exc.code, exc.message)
-    refused = _quota().acquire(user.pk, time.monotonic())
-    if refused is not None:
-        code, wait = refused
-        response_429 = error_response(
-            429,
-            code,
-            "Too many assistant streams: wait for one to finish."
-            if code == quotas.BUSY
-            else "Too many assistant requests; retry later.",
-        )
-        response_429["Retry-After"] = str(max(1, math.ceil(wait)))
-        return response_429
-    release = _releaser(user.pk)
+    held = await quotas.acquire_panel_stream(user.pk)
+    if isinstance(held, quotas.Refused):
+        return _refused(held)
     try:
         backend = get_backend()
         # The stream may last a minute: don't hold this request's database connection.
         await sync_to_async(close_old_connections)()
     except BaseException:
-        release()
+        await held.release()
         raise
-    response = StreamingHttpResponse(
-        _releasing(reply_events(backend, messages), release),
-        content_type="text/event-stream; charset=utf-8",
-    )
+    body = _releasing(reply_events(backend, messages), held)
+    # A client that leaves before the body starts never runs its finally: the lease is then
+    # released when the generator is collected.
+    weakref.finalize(body, held.release_soon)
+    response = StreamingHttpResponse(body, content_type="text/event-stream; charset=utf-8")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return response
 
 
-_quotas: dict[tuple[int, int, float], quotas.StreamQuota] = {}
+_REFUSED_MESSAGES = {
+    quotas.BUSY: (429, "Too many assistant streams: wait for one to finish."),
+    quotas.RATE_LIMITED: (429, "Too many assistant requests; retry later."),
+    quotas.UNAVAILABLE: (503, "The assistant is unavailable; retry."),
+}
 
 
-def _quota() -> quotas.StreamQuota:
-    # Rebuilt when the settings change (override_settings in tests), kept otherwise.
-    key = (
-        app_settings.ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER,
-        app_settings.ASSISTANT_PANEL_RATE_LIMIT,
-        app_settings.ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS,
-    )
-    quota = _quotas.get(key)
-    if quota is None:
-        _quotas.clear()
-        quota = _quotas[key] = quotas.StreamQuota(*key)
-    return quota
-
-
-def _releaser(user_id: int) -> Callable[[], None]:
-    quota = _quota()
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            quota.release(user_id)
-
-    return release
+def _refused(refused: quotas.Refused) -> HttpResponseBase:
+    status, message = _REFUSED_MESSAGES[refused.code]
+    response = error_response(status, refused.code, message)
+    response["Retry-After"] = str(max(1, math.ceil(refused.retry_after_seconds)))
+    return response
 
 
 async def _releasing(
-    body: AsyncGenerator[bytes, None], release: Callable[[], None]
+    body: AsyncGenerator[bytes, None], lease: Lease
 ) -> AsyncGenerator[bytes, None]:
     """``body``, then give the user's panel slot back however the stream ends."""
     try:
@@ -138,7 +115,8 @@ async def _releasing(
             async for event in events:
                 yield event
     finally:
-        release()
+        # Not awaited: this may run while the response is being cancelled.
+        lease.release_soon()
 
 
 async def reply_events(

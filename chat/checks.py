@@ -7,6 +7,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
+from realtime_kit.limit_stores import url_problem
+
 from . import protocol
 from .conf import app_settings
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
@@ -30,6 +32,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_MAX_SEND_BYTES": app_settings.MAX_SEND_BYTES,
         "CHAT_MAX_OUTBOUND_BYTES": app_settings.MAX_OUTBOUND_BYTES,
         "CHAT_MAX_INBOUND_BYTES": app_settings.MAX_INBOUND_BYTES,
+        "CHAT_LEASE_TTL_SECONDS": app_settings.LEASE_TTL_SECONDS,
         "CHAT_MAX_SOCKETS_PER_USER": app_settings.MAX_SOCKETS_PER_USER,
     }
     for name, value in positive.items():
@@ -64,7 +67,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 "never be delivered.",
                 hint="Lower CHAT_MAX_TEXT_BYTES, or raise CHAT_MAX_SEND_BYTES together with "
                 "the server's limit (daphne --websocket-max-message-size).",
-                id="chat.E004",
+                id="chat.E007",
             )
         )
     if app_settings.MAX_OUTBOUND_BYTES < app_settings.MAX_SEND_BYTES:
@@ -72,7 +75,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
             Error(
                 "CHAT_MAX_OUTBOUND_BYTES is below CHAT_MAX_SEND_BYTES: one full message would "
                 "close the socket as a slow consumer.",
-                id="chat.E005",
+                id="chat.E008",
             )
         )
     for name, millis in (
@@ -80,7 +83,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         ("CHAT_GAP_GRACE_MILLISECONDS", app_settings.GAP_GRACE_MILLISECONDS),
     ):
         if not 0 <= millis <= 1000:
-            errors.append(Error(f"{name} must be within 0..1000, got {millis}.", id="chat.E006"))
+            errors.append(Error(f"{name} must be within 0..1000, got {millis}.", id="chat.E009"))
     if app_settings.HISTORY_PAGE_SIZE > app_settings.HISTORY_PAGE_MAX:
         errors.append(
             Warning(
@@ -90,4 +93,33 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 id="chat.W301",
             )
         )
+    errors.extend(_check_limits_store())
     return errors
+
+
+def _check_limits_store() -> list[CheckMessage]:
+    problem = url_problem(app_settings.REDIS_URL)
+    if problem is not None:
+        return [
+            Error(
+                f"CHAT_REDIS_URL: {problem}.",
+                hint="Use '' to count per-user limits in each process, or redis://host:6379/0.",
+                id="chat.E004",
+            )
+        ]
+    if not app_settings.REDIS_URL and _layers_cross_processes():
+        return [
+            Warning(
+                "The channel layer is shared by several processes but CHAT_REDIS_URL is "
+                "empty: per-user limits (sockets, assistant replies and panel streams) are "
+                "counted in each process, so a user gets them once per process.",
+                hint="Set CHAT_REDIS_URL to the Redis of the channel layer.",
+                id="chat.W002",
+            )
+        ]
+    return []
+
+
+def _layers_cross_processes() -> bool:
+    layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    return any("channels_redis" in str(layer.get("BACKEND", "")) for layer in layers.values())

@@ -73,11 +73,6 @@ class ChatSettings:
         return int(self._get("MAX_INBOUND_BYTES", 256 * 1024))
 
     @property
-    def MAX_SOCKETS_PER_USER(self) -> int:
-        """Chat WebSockets one user may have open at once; more are closed with 4429."""
-        return int(self._get("MAX_SOCKETS_PER_USER", 32))
-
-    @property
     def BATCH_WINDOW_MILLISECONDS(self) -> float:
         """How long room frames wait to be sent together as one message, in milliseconds."""
         return float(self._get("BATCH_WINDOW_MILLISECONDS", 5.0))
@@ -158,6 +153,29 @@ class ChatSettings:
         """Read markers sent on connect (most recently updated first)."""
         return int(self._get("READ_STATE_LIMIT", 100))
 
+    # --- per-user limits (chat/quotas.py) ------------------------------------------------
+
+    @property
+    def REDIS_URL(self) -> str:
+        """Redis where per-user limits are counted for every process ('' : in this process)."""
+        return str(self._get("REDIS_URL", "") or "")
+
+    @property
+    def REDIS_KEY_PREFIX(self) -> str:
+        """Prefix of those Redis keys (to share one Redis between sites)."""
+        return str(self._get("REDIS_KEY_PREFIX", "chat:limits"))
+
+    @property
+    def LEASE_TTL_SECONDS(self) -> float:
+        """How long a crashed process's sockets and replies keep counting, in seconds."""
+        return float(self._get("LEASE_TTL_SECONDS", 30.0))
+
+    @property
+    def MAX_SOCKETS_PER_USER(self) -> int:
+        """Chat WebSockets one user may have open at once (all processes with
+        ``CHAT_REDIS_URL``); more are closed with 4429."""
+        return int(self._get("MAX_SOCKETS_PER_USER", 20))
+
     # --- assistant (chat/llm, chat/assistant.py, the /chat/assistant/ endpoint) ---------
 
     @property
@@ -223,7 +241,7 @@ class ChatSettings:
 
     @property
     def ASSISTANT_MAX_CONCURRENT_PER_USER(self) -> int:
-        """Room replies one user may have running at once (per server process)."""
+        """Room replies one user may have running at once (all processes with REDIS_URL)."""
         return int(self._get("ASSISTANT_MAX_CONCURRENT_PER_USER", 1))
 
     @property
@@ -238,12 +256,12 @@ class ChatSettings:
 
     @property
     def ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER(self) -> int:
-        """Private panel streams one user may have open at once (per server process)."""
+        """Private panel streams one user may have open at once (all processes with REDIS_URL)."""
         return int(self._get("ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER", 2))
 
     @property
     def ASSISTANT_PANEL_RATE_LIMIT(self) -> int:
-        """Private panel streams one user may start per window (per server process)."""
+        """Private panel streams one user may start per window (all processes with REDIS_URL)."""
         return int(self._get("ASSISTANT_PANEL_RATE_LIMIT", 20))
 
     @property

@@ -31,7 +31,9 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
 
-from . import assistant, protocol, services
+from realtime_kit.leases import Lease
+
+from . import assistant, protocol, quotas, services
 from .conf import app_settings
 from .delivery import inbound, writers
 from .delivery.hub import Detached, Packed, RoomHub, get_room_hub
@@ -65,6 +67,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     presence_stale = False
     pending_read: int | None = None
     read_timer: asyncio.TimerHandle | None = None
+    socket_lease: Lease | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -142,7 +145,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None) or ""
         self.hub = get_room_hub()
-        if self.hub.user_sockets(self.user_id) >= app_settings.MAX_SOCKETS_PER_USER:
+        # Cluster-wide with CHAT_REDIS_URL (leases expire if this process dies).
+        self.socket_lease = await quotas.sockets.acquire(self.user_id, self.conn_id)
+        if self.socket_lease is None:
             await self._refuse_too_many()
             return
         await self.hub.attach(self.room.pk, self)
@@ -247,6 +252,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.live = False
         if self.hub is not None and hasattr(self, "room"):
             self.hub.detach(self.room.pk, self)
+        if self.socket_lease is not None:
+            # Not awaited: this may run while daphne cancels the application.
+            self.socket_lease.release_soon()
         if self.read_timer is not None:
             self.read_timer.cancel()
         try:

@@ -1,46 +1,118 @@
-"""Per-user quotas of the private assistant panel, counted in this process. Pure: time is
-passed in.
+"""Per-user limits of chat, counted for every process when ``CHAT_REDIS_URL`` is set.
 
-Each open stream holds a slot until it ends; each start counts in a sliding window. Counting
-per process keeps the panel free of shared state: with P processes a user gets at most P
-times the limits, which still bounds what one looping client can cost.
+Without it (the embedded default) each process counts its own users, which is exact for one
+process. The counters are ``realtime_kit`` leases (a place held while something runs,
+expiring ``CHAT_LEASE_TTL_SECONDS`` after its process stops refreshing it) and sliding
+windows. Every key is named here, under ``CHAT_REDIS_KEY_PREFIX``:
+
+- ``<prefix>:sockets:<user id>``: open chat WebSockets (``sockets``). Fails **open**: the cap
+  only guards against a runaway client, and Redis being down must not lock people out.
+- ``<prefix>:assistant-replies:<user id>``: running room replies (``room_replies``).
+- ``<prefix>:panel-streams:<user id>``: open private panel streams (``panel_streams``).
+- ``<prefix>:panel-starts:<user id>``: panel starts in the rate window (``panel_starts``).
+
+The three assistant limits fail **closed** (``StoreUnavailable``; callers answer
+``unavailable``): each admitted request costs a model call, and an outage of the store must
+not become unlimited spending.
+
+The consumer holds a socket's place from connect to disconnect::
+
+    lease = await quotas.sockets.acquire(user.pk, self.channel_name)  # None: at the cap
+    ...
+    if lease is not None:
+        await lease.release()  # in disconnect(); idempotent
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
+
+from realtime_kit.leases import Lease, StoreConfig, StoreUnavailable, UserLimit
+from realtime_kit.rates import UserRate
+
+from .conf import app_settings
+
+__all__ = [
+    "BUSY",
+    "RATE_LIMITED",
+    "UNAVAILABLE",
+    "Refused",
+    "StoreUnavailable",
+    "acquire_panel_stream",
+    "panel_starts",
+    "panel_streams",
+    "room_replies",
+    "sockets",
+]
 
 BUSY = "assistant_busy"
 RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"
+# Seconds a client refused for a busy slot (or a store outage) should wait before retrying.
+BUSY_RETRY_AFTER_SECONDS = 1.0
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5.0
 
 
-@dataclass
-class StreamQuota:
-    max_open: int
-    max_starts: int
-    window_seconds: float
-    open: dict[int, int] = field(default_factory=dict)
-    starts: dict[int, deque[float]] = field(default_factory=dict)
+def _store() -> StoreConfig:
+    return StoreConfig(
+        url=app_settings.REDIS_URL,
+        key_prefix=app_settings.REDIS_KEY_PREFIX,
+        lease_ttl_seconds=app_settings.LEASE_TTL_SECONDS,
+    )
 
-    def acquire(self, user_id: int, now: float) -> tuple[str, float] | None:
-        """Take a slot for a new stream, or return (error code, seconds to wait)."""
-        recent = self.starts.setdefault(user_id, deque())
-        while recent and recent[0] <= now - self.window_seconds:
-            recent.popleft()
-        if self.open.get(user_id, 0) >= self.max_open:
-            return BUSY, 1.0
-        if len(recent) >= self.max_starts:
-            return RATE_LIMITED, recent[0] + self.window_seconds - now
-        recent.append(now)
-        self.open[user_id] = self.open.get(user_id, 0) + 1
-        return None
 
-    def release(self, user_id: int) -> None:
-        left = self.open.get(user_id, 0) - 1
-        if left > 0:
-            self.open[user_id] = left
-        else:
-            self.open.pop(user_id, None)
-            if not self.starts.get(user_id):
-                self.starts.pop(user_id, None)
+sockets = UserLimit(
+    "sockets", store=_store, limit=lambda: app_settings.MAX_SOCKETS_PER_USER, fail_open=True
+)
+room_replies = UserLimit(
+    "assistant-replies",
+    store=_store,
+    limit=lambda: app_settings.ASSISTANT_MAX_CONCURRENT_PER_USER,
+    fail_open=False,
+)
+panel_streams = UserLimit(
+    "panel-streams",
+    store=_store,
+    limit=lambda: app_settings.ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER,
+    fail_open=False,
+)
+panel_starts = UserRate(
+    "panel-starts",
+    store=_store,
+    limit=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT,
+    window_seconds=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS,
+    fail_open=False,
+)
+
+
+@dataclass(frozen=True)
+class Refused:
+    code: str  # BUSY, RATE_LIMITED or UNAVAILABLE
+    retry_after_seconds: float
+
+
+async def acquire_panel_stream(user_id: int) -> Lease | Refused:
+    """Hold one of the user's panel streams and count its start, or say why not.
+
+    The open-streams cap is checked first, so a start refused as busy does not use up the
+    rate window; a start refused by the rate gives its stream place back.
+    """
+    try:
+        lease = await panel_streams.acquire(user_id, uuid.uuid4().hex)
+    except StoreUnavailable:
+        return Refused(UNAVAILABLE, UNAVAILABLE_RETRY_AFTER_SECONDS)
+    if lease is None:
+        return Refused(BUSY, BUSY_RETRY_AFTER_SECONDS)
+    try:
+        wait = await panel_starts.hit(user_id)
+    except StoreUnavailable:
+        await lease.release()
+        return Refused(UNAVAILABLE, UNAVAILABLE_RETRY_AFTER_SECONDS)
+    except BaseException:
+        await lease.release()
+        raise
+    if wait > 0:
+        await lease.release()
+        return Refused(RATE_LIMITED, wait)
+    return lease

@@ -8,6 +8,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.db import connections
 
+from realtime_kit.limit_stores import url_problem
+
 from .conf import app_settings
 
 
@@ -22,6 +24,7 @@ def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list
         "NOTIFICATIONS_BATCH_SIZE": app_settings.BATCH_SIZE,
         "NOTIFICATIONS_LIST_LIMIT": app_settings.LIST_LIMIT,
         "NOTIFICATIONS_STREAM_QUEUE_LIMIT": app_settings.STREAM_QUEUE_LIMIT,
+        "NOTIFICATIONS_LEASE_TTL_SECONDS": app_settings.LEASE_TTL_SECONDS,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -60,8 +63,33 @@ def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list
                 id="notifications.W001",
             )
         )
+    errors.extend(_check_limits_store(layers))
     errors.extend(_check_database())
     return errors
+
+
+def _check_limits_store(layers: dict[str, Any]) -> list[CheckMessage]:
+    problem = url_problem(app_settings.REDIS_URL)
+    if problem is not None:
+        return [
+            Error(
+                f"NOTIFICATIONS_REDIS_URL: {problem}.",
+                hint="Use '' to count the stream cap in each process, or redis://host:6379/0.",
+                id="notifications.E002",
+            )
+        ]
+    layer = layers.get(app_settings.CHANNEL_LAYER) or {}
+    if not app_settings.REDIS_URL and "channels_redis" in str(layer.get("BACKEND", "")):
+        return [
+            Warning(
+                "The notifications channel layer is shared by several processes but "
+                "NOTIFICATIONS_REDIS_URL is empty: NOTIFICATIONS_MAX_STREAMS_PER_USER is "
+                "counted in each process, so a user may open that many streams on each.",
+                hint="Set NOTIFICATIONS_REDIS_URL to the Redis of the channel layer.",
+                id="notifications.W004",
+            )
+        ]
+    return []
 
 
 def _check_database() -> list[CheckMessage]:

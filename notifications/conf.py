@@ -33,8 +33,23 @@ class NotificationsSettings:
 
     @property
     def MAX_STREAMS_PER_USER(self) -> int:
-        """Concurrent streams one user may hold in one process; more are answered with 429."""
+        """Concurrent streams of one user (all processes with REDIS_URL); more get 429."""
         return int(self._get("MAX_STREAMS_PER_USER", 10))
+
+    @property
+    def REDIS_URL(self) -> str:
+        """Redis where the stream cap is counted for every process ('' : in this process)."""
+        return str(self._get("REDIS_URL", "") or "")
+
+    @property
+    def REDIS_KEY_PREFIX(self) -> str:
+        """Prefix of those Redis keys (to share one Redis between sites)."""
+        return str(self._get("REDIS_KEY_PREFIX", "notifications:limits"))
+
+    @property
+    def LEASE_TTL_SECONDS(self) -> float:
+        """How long a crashed process's streams keep counting against the cap, in seconds."""
+        return float(self._get("LEASE_TTL_SECONDS", 30.0))
 
     @property
     def RETRY_MILLISECONDS(self) -> int:

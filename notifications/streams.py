@@ -7,18 +7,24 @@ without Last-Event-ID connected: those are in the unread count). A range at or b
 is a duplicate and dropped; a range that starts above it is a gap, filled from the database
 first. Clients thus get each notification once, in id order.
 
-Concurrent streams are counted per user in this process (``active_streams``); the view refuses
-streams beyond ``NOTIFICATIONS_MAX_STREAMS_PER_USER``.
+Concurrent streams are counted per user by a ``realtime_kit`` lease per stream, under
+``<NOTIFICATIONS_REDIS_KEY_PREFIX>:streams:<user id>``: in this process, or for every process
+when ``NOTIFICATIONS_REDIS_URL`` is set. The view refuses streams beyond
+``NOTIFICATIONS_MAX_STREAMS_PER_USER``. The cap fails open: when Redis is down streams are
+admitted (and counted once it is back), because the bell must not stop working for everyone
+over a cap that only guards against runaway clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import uuid
 from collections.abc import AsyncIterator
 
 from django.db import DatabaseError
+
+from realtime_kit.leases import Lease, StoreConfig, UserLimit
 
 from . import protocol, services, sse
 from .conf import app_settings
@@ -26,8 +32,18 @@ from .hub import Range, Subscription, UnreadChanged, get_hub
 
 logger = logging.getLogger(__name__)
 
-_slots_lock = threading.Lock()
-_slots: dict[int, int] = {}
+
+def _store() -> StoreConfig:
+    return StoreConfig(
+        url=app_settings.REDIS_URL,
+        key_prefix=app_settings.REDIS_KEY_PREFIX,
+        lease_ttl_seconds=app_settings.LEASE_TTL_SECONDS,
+    )
+
+
+streams_cap = UserLimit(
+    "streams", store=_store, limit=lambda: app_settings.MAX_STREAMS_PER_USER, fail_open=True
+)
 
 
 class TooManyStreams(Exception):
@@ -37,40 +53,28 @@ class TooManyStreams(Exception):
 
 
 class Slot:
-    """A reserved place among the user's concurrent streams; release() is idempotent."""
+    """A reserved place among the user's concurrent streams; releasing is idempotent."""
 
-    def __init__(self, user_id: int) -> None:
+    def __init__(self, user_id: int, lease: Lease) -> None:
         self.user_id = user_id
-        self._released = False
+        self._lease = lease
 
     def release(self) -> None:
-        with _slots_lock:
-            if self._released:
-                return
-            self._released = True
-            left = _slots.get(self.user_id, 0) - 1
-            if left > 0:
-                _slots[self.user_id] = left
-            else:
-                _slots.pop(self.user_id, None)
+        """Give the place back (the store is told in the background; safe in finalizers)."""
+        self._lease.release_soon()
 
 
-def reserve(user_id: int, limit: int) -> Slot:
-    """Take one of the user's stream slots in this process or raise TooManyStreams."""
-    with _slots_lock:
-        used = _slots.get(user_id, 0)
-        if used >= limit:
-            raise TooManyStreams(limit)
-        _slots[user_id] = used + 1
-    return Slot(user_id)
+async def reserve(user_id: int) -> Slot:
+    """Take one of the user's stream slots or raise TooManyStreams."""
+    lease = await streams_cap.acquire(user_id, uuid.uuid4().hex)
+    if lease is None:
+        raise TooManyStreams(streams_cap.limit)
+    return Slot(user_id, lease)
 
 
 def active_streams(user_id: int | None = None) -> int:
     """Streams open in this process (of one user, or of everyone)."""
-    with _slots_lock:
-        if user_id is not None:
-            return _slots.get(user_id, 0)
-        return sum(_slots.values())
+    return streams_cap.held_here(user_id)
 
 
 def _bytes(text: str) -> bytes:

@@ -67,7 +67,7 @@ async def stream(request: HttpRequest) -> HttpResponseBase:
     except ValueError as exc:
         return _error(400, protocol.BAD_LAST_EVENT_ID, str(exc))
     try:
-        slot = reserve(user.pk, app_settings.MAX_STREAMS_PER_USER)
+        slot = await reserve(user.pk)
     except TooManyStreams as exc:
         response = _error(429, protocol.TOO_MANY_STREAMS, str(exc), limit=exc.limit)
         response["Retry-After"] = str(TOO_MANY_STREAMS_RETRY_AFTER_SECONDS)

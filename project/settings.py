@@ -4,8 +4,8 @@ Everything a deployment changes comes from the environment, with embedded defaul
 no service at all (SQLite, the in-memory channel layer, the offline demo LLM):
 
 - ``DATABASE_URL``: e.g. ``postgres://user:pass@host:5432/db``; SQLite file by default.
-- ``REDIS_URL``: e.g. ``redis://127.0.0.1:6379/0``; switches the channel layer to Redis so
-  several daphne processes serve the same rooms.
+- ``REDIS_URL``: e.g. ``redis://127.0.0.1:6379/0``; switches the channel layer, presence and
+  the per-user limits to Redis so several daphne processes serve the same rooms and users.
 - ``DJANGO_SECRET_KEY``, ``DJANGO_DEBUG`` (``1``/``0``), ``DJANGO_ALLOWED_HOSTS`` (comma list).
 - ``SQLITE_PATH``, ``SQLITE_TIMEOUT_SECONDS`` (busy timeout, default 20) and the ``CHAT_*``
   knobs at the end: the end-to-end tests start daphne with these to provoke limits and errors.
@@ -133,6 +133,10 @@ if REDIS_URL:
     # Presence must be shared by every process: entries in one Redis sorted set per room.
     CHAT_PRESENCE_STORE = "chat.presence_stores.redis.RedisPresenceStore"
     CHAT_PRESENCE_REDIS_URL = REDIS_URL
+    # Per-user limits (sockets, assistant replies and panel streams, notification streams)
+    # must hold for the user across every process, not once per process.
+    CHAT_REDIS_URL = REDIS_URL
+    NOTIFICATIONS_REDIS_URL = REDIS_URL
 else:
     CHANNEL_LAYERS = {
         "default": {

@@ -82,6 +82,9 @@ def base_env(**extra: str) -> dict[str, str]:
         # Tests share one Redis: a killed daphne of an earlier test must not leave presence
         # entries (ghosts until they expire) in the rooms of the next one.
         "CHAT_PRESENCE_KEY_PREFIX": f"test-{uuid.uuid4().hex[:12]}:presence",
+        # Likewise for per-user limits: user ids repeat in every test database.
+        "CHAT_REDIS_KEY_PREFIX": f"test-{uuid.uuid4().hex[:12]}:chat",
+        "NOTIFICATIONS_REDIS_KEY_PREFIX": f"test-{uuid.uuid4().hex[:12]}:notifications",
     }
     env.update(extra)
     return env

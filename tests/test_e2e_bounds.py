@@ -187,3 +187,21 @@ async def test_more_sockets_than_the_cap_are_refused_with_4429(
     again = await ChatClient.open(server, cookie)
     for client in [*held, bob, again]:
         await client.close()
+
+
+@pytest.mark.redis
+async def test_the_socket_cap_holds_across_processes(
+    start_daphne: Any, sqlite_env: dict[str, str], redis_server: Any
+) -> None:
+    env = {**sqlite_env, "REDIS_URL": redis_server.url, "CHAT_MAX_SOCKETS_PER_USER": "3"}
+    a, b = start_daphne(env), start_daphne(env)
+    cookie = await login(a.base_url, "alice")
+    held = [await ChatClient.open(server, cookie) for server in (a, a, b)]
+    for server in (a, b):
+        extra = await ws_connect(server, "/ws/chat/lobby/", cookie)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(extra.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4429
+    for client in held:
+        await client.close()

@@ -698,3 +698,16 @@ def test_checks_warn_without_a_layer() -> None:
 
 def test_default_settings_pass_checks() -> None:
     assert check_notifications_settings() == []
+
+
+def test_checks_refuse_a_bad_redis_url_and_warn_about_per_process_caps() -> None:
+    with override_settings(
+        NOTIFICATIONS_REDIS_URL="localhost:6379", NOTIFICATIONS_LEASE_TTL_SECONDS=0
+    ):
+        ids = sorted(e.id or "" for e in check_notifications_settings())
+    assert ids == ["notifications.E001", "notifications.E002"]
+    redis_layer = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"}}
+    with override_settings(CHANNEL_LAYERS=redis_layer, NOTIFICATIONS_REDIS_URL=""):
+        assert [e.id for e in check_notifications_settings()] == ["notifications.W004"]
+    with override_settings(CHANNEL_LAYERS=redis_layer, NOTIFICATIONS_REDIS_URL="redis://h/0"):
+        assert check_notifications_settings() == []
