@@ -55,17 +55,18 @@ def communicator(user: Any, slug: str, query: str = "") -> WebsocketCommunicator
 AMBIENT = {"presence_state", "presence_diff", "read_state", "read", "typing"}
 
 
-# Frames received but not yet looked at, per communicator: the server batches frames into
-# JSON arrays as they come (acks with messages, hello with history), so tests read frames,
-# not WebSocket messages.
-_unread: dict[int, list[dict[str, Any]]] = {}
+# The server batches frames into JSON arrays as they come (acks with messages, hello with
+# history), so tests read frames, not WebSocket messages: the rest of a message waits on the
+# communicator for the next call.
+UNREAD = "_unread_frames"
 
 
 async def frames(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
     """The non-ambient frames already received, or those of the next message that has any."""
-    buffered = _unread.pop(id(comm), None)
+    buffered = getattr(comm, UNREAD, None)
     if buffered:
-        return buffered
+        setattr(comm, UNREAD, None)
+        return list(buffered)
     while True:
         data = json.loads(await comm.receive_from(timeout=TIMEOUT))
         batch = data if isinstance(data, list) else [data]
@@ -87,7 +88,7 @@ async def frame(comm: WebsocketCommunicator) -> dict[str, Any]:
     """The next non-ambient frame (the rest of its message stays for the next call)."""
     first, *rest = await frames(comm)
     if rest:
-        _unread[id(comm)] = rest
+        setattr(comm, UNREAD, rest)
     return first
 
 
