@@ -332,7 +332,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         try:
             result = await services.apost_message(
-                self.room.pk, self.user, frame.text, frame.client_id
+                self.room.pk, self.user, frame.text, frame.client_id, origin=self.conn_id
             )
         except services.RateLimited:
             self._rate_limited(cid)
@@ -346,8 +346,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         if result.created:
             window.record(self.user_id, time.monotonic(), frame.client_id)
-        # The ack goes out with the room's next batch, usually with the message itself.
-        self._reply(protocol.ack_frame(frame.client_id, result.message.seq))
+        # The ack goes out with the room's next batch, before the message itself.
+        seq = result.message.seq
+        self._reply(
+            protocol.ack_frame(frame.client_id, seq), ack_seq=seq if result.created else None
+        )
         if result.created and assistant.is_request(frame.text):
             await self._ask_assistant(result.message)
 
@@ -505,10 +508,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         budget = app_settings.MAX_SEND_BYTES
         return [Packed.of(text) for text in protocol.pack(frames, budget)]
 
-    def _reply(self, frame: dict[str, Any]) -> None:
+    def _reply(self, frame: dict[str, Any], ack_seq: int | None = None) -> None:
         """Answer the client, in order: answers go out with the room's next batch."""
         enc = Encoded.of(frame)
-        if self.hub is None or not self.hub.send_direct(self.room.pk, self.conn_id, enc):
+        hub = self.hub
+        if hub is None or not hub.send_direct(self.room.pk, self.conn_id, enc, ack_seq):
             self._write(self._pack([enc]))
 
     def _error(self, code: str, message: str, client_id: str | None = None) -> None:

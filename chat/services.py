@@ -134,11 +134,13 @@ def post_message(
     *,
     status: str = "",
     check_rate: bool = True,
+    origin: str = "",
 ) -> PostResult:
     """Store a message with the room's next seq, or return the one this client_id already made.
 
     ``status`` marks an assistant reply that was stopped or failed; ``check_rate=False`` is for
-    the assistant's own replies (their requests are rate-limited instead).
+    the assistant's own replies (their requests are rate-limited instead). ``origin`` names
+    the sending socket (``conn_id``), so that it gets its ack before the message.
     Raises RateLimited, Revoked, or DatabaseError when the database is unavailable.
     """
     with transaction.atomic():
@@ -163,6 +165,9 @@ def post_message(
         )
         enc = protocol.message_encoded(message, room.slug, user, app_settings.MAX_SEND_BYTES)
         event = {"type": protocol.EVENT_MESSAGE, "seq": seq, "text": enc.text, "size": enc.size}
+        if origin:
+            # The sending socket: its process sends it the ack before the message itself.
+            event["origin"] = origin
         transaction.on_commit(lambda: broadcast(room.pk, event), robust=True)
         if mentions.wanted(text, user):
             transaction.on_commit(lambda: mentions.notify(message), robust=True)

@@ -43,6 +43,11 @@ CONTROL_GROUP = "chat.control"
 MAX_HELD_MESSAGES = 1000
 # How long a room with no local socket stays subscribed (a reconnecting socket reuses it).
 IDLE_ROOM_LINGER_SECONDS = 5.0
+# Longest a sender's own message waits for its ack to be queued (the ack comes right after
+# its transaction; this only guards against an ack that never comes).
+ACK_WAIT_SECONDS = 1.0
+# Acks a socket may have queued whose message has not arrived yet (Redis lost it).
+MAX_UNMATCHED_ACKS = 100
 
 
 class Detached(Exception):
@@ -88,6 +93,17 @@ class Item:
     exclude_user: int | None = None
     # Dropped for a socket that is falling behind (typing): nothing to resume.
     ephemeral: bool = False
+    # The socket (conn_id) that sent this message: it gets its ack first.
+    origin: str | None = None
+
+
+@dataclass
+class _Wait:
+    """A sender's frames held until the ack of its own message (``seq``) is queued."""
+
+    seq: int
+    items: list[Item]
+    handle: asyncio.TimerHandle | None = None
 
 
 Loader = Callable[[int, int, int], Awaitable[list[tuple[int, Encoded]]]]
@@ -113,6 +129,9 @@ class _Room:
     gap_handle: asyncio.TimerHandle | None = None
     filling: bool = False
     idle_handle: asyncio.TimerHandle | None = None
+    # conn_id -> seqs acked to that socket whose message it has not been sent yet.
+    acked: dict[str, set[int]] = field(default_factory=dict)
+    waits: dict[str, _Wait] = field(default_factory=dict)
 
 
 class RoomHub:
@@ -192,6 +211,10 @@ class RoomHub:
         if room is None or room.members.pop(member.conn_id, None) is None:
             return
         room.direct.pop(member.conn_id, None)
+        room.acked.pop(member.conn_id, None)
+        wait = room.waits.pop(member.conn_id, None)
+        if wait is not None and wait.handle is not None:
+            wait.handle.cancel()
         if not room.members and room.idle_handle is None:
             loop = asyncio.get_running_loop()
             room.idle_handle = loop.call_later(
@@ -227,15 +250,47 @@ class RoomHub:
         member.live = True
         return True
 
-    def send_direct(self, room_id: int, conn_id: str, enc: Encoded) -> bool:
+    def send_direct(
+        self, room_id: int, conn_id: str, enc: Encoded, ack_seq: int | None = None
+    ) -> bool:
         """Queue a frame for one socket, to go out with the room's next batch (its answers:
-        acks coalesce with the message they acknowledge). False if it is not attached."""
+        acks coalesce with the message they acknowledge). False if it is not attached.
+
+        ``ack_seq``: the frame acks that seq. A sender never gets its own message before its
+        ack: if the message came first, it waited (``_Wait``) and goes out now, after it.
+        """
         room = self.rooms.get(room_id)
-        if room is None or conn_id not in room.members:
+        member = room.members.get(conn_id) if room is not None else None
+        if room is None or member is None:
             return False
         room.direct.setdefault(conn_id, []).append(enc)
+        if ack_seq is not None:
+            acked = room.acked.setdefault(conn_id, set())
+            acked.add(ack_seq)
+            if len(acked) > MAX_UNMATCHED_ACKS:
+                acked.discard(min(acked))
+            wait = room.waits.get(conn_id)
+            if wait is not None and wait.seq == ack_seq:
+                self._release_wait(room, member)
+                return True
         self._schedule_flush(room)
         return True
+
+    def _release_wait(self, room: _Room, member: Member) -> None:
+        wait = room.waits.pop(member.conn_id, None)
+        if wait is None:
+            return
+        if wait.handle is not None:
+            wait.handle.cancel()
+        own = room.direct.pop(member.conn_id, [])
+        self._deliver_own(room, member, own, wait.items, force=wait.handle is None)
+
+    def _wait_expired(self, room: _Room, conn_id: str) -> None:
+        wait = room.waits.get(conn_id)
+        member = room.members.get(conn_id)
+        if wait is not None and member is not None:
+            wait.handle = None  # deliver anyway: the ack is late (or lost)
+            self._release_wait(room, member)
 
     def user_sockets(self, user_id: int) -> int:
         return len(self.by_user.get(user_id, ()))
@@ -314,7 +369,8 @@ class RoomHub:
                 self._schedule_flush(room)
             return
         if kind == protocol.EVENT_MESSAGE:
-            self._on_message(room, int(event["seq"]), Item(enc, seq=int(event["seq"])))
+            seq = int(event["seq"])
+            self._on_message(room, seq, Item(enc, seq=seq, origin=event.get("origin")))
         elif kind == protocol.EVENT_TYPING:
             self._append(room, Item(enc, exclude_user=event.get("user_id"), ephemeral=True))
         elif kind in (protocol.EVENT_READ, protocol.EVENT_ASSISTANT):
@@ -404,6 +460,7 @@ class RoomHub:
         first_seq = seqs[0] if seqs else None
         last_seq = seqs[-1] if seqs else None
         excluded = {i.exclude_user for i in items if i.exclude_user is not None}
+        origins = {i.origin for i in items if i.origin is not None}
         has_ephemeral = any(i.ephemeral for i in items)
         common: list[Packed] | None = None
         for member in list(room.members.values()):
@@ -418,6 +475,8 @@ class RoomHub:
                 own is None
                 and not congested
                 and member.user_id not in excluded
+                and member.conn_id not in origins
+                and member.conn_id not in room.waits
                 and (first_seq is None or member.last_sent < first_seq)
             ):
                 if not items:
@@ -427,16 +486,48 @@ class RoomHub:
                 member.deliver(common, last_seq)
                 continue
             chosen = [
-                i.enc
+                i
                 for i in items
                 if (i.seq is None or i.seq > member.last_sent)
                 and i.exclude_user != member.user_id
                 and not (congested and i.ephemeral)
             ]
-            if own:
-                chosen = own + chosen
-            if chosen:
-                member.deliver(self.pack(chosen), last_seq)
+            wait = room.waits.get(member.conn_id)
+            if wait is not None:
+                wait.items.extend(chosen)
+                if own:  # answers to later frames keep their order behind the wait
+                    room.direct.setdefault(member.conn_id, []).extend(own)
+                continue
+            self._deliver_own(room, member, own or [], chosen)
+
+    def _deliver_own(
+        self,
+        room: _Room,
+        member: Member,
+        own: list[Encoded],
+        items: list[Item],
+        force: bool = False,
+    ) -> None:
+        """Deliver ``own`` answers then ``items``, stopping before the member's own message
+        whose ack is not queued yet (the rest waits for it, at most ACK_WAIT_SECONDS)."""
+        acked = room.acked.get(member.conn_id, set())
+        frames = list(own)
+        last_seq: int | None = None
+        for index, item in enumerate(items):
+            if item.origin == member.conn_id and item.seq is not None:
+                if item.seq not in acked and not force:
+                    loop = asyncio.get_running_loop()
+                    handle = loop.call_later(
+                        ACK_WAIT_SECONDS, self._wait_expired, room, member.conn_id
+                    )
+                    room.waits[member.conn_id] = _Wait(item.seq, items[index:], handle)
+                    break
+                acked.discard(item.seq)
+            frames.append(item.enc)
+            if item.seq is not None:
+                last_seq = item.seq
+        if frames:
+            member.deliver(self.pack(frames), last_seq)
 
     def pack(self, frames: list[Encoded]) -> list[Packed]:
         return [Packed.of(text) for text in protocol.pack(frames, self.budget_bytes)]
