@@ -9,4 +9,10 @@ class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers system checks)
+        from realtime_kit import drain
+
+        from . import assistant, checks  # noqa: F401  (checks registers system checks)
+
+        # On a restart, running room replies are stored as interrupted and their end is
+        # broadcast before the runner closes the sockets.
+        drain.on_drain(assistant.interrupt_replies)
