@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -114,7 +114,7 @@ async def test_until_drain_raises_when_the_drain_begins_and_the_source_is_closed
     closed = asyncio.Event()
     received: list[int] = []
 
-    async def source() -> AsyncIterator[int]:
+    async def source() -> AsyncGenerator[int, None]:
         try:
             yield 1
             await asyncio.Event().wait()  # waiting for the model, say
@@ -152,7 +152,7 @@ async def test_a_cancelled_consumer_can_close_the_source_at_once() -> None:
     drain = Drain()
     closed = asyncio.Event()
 
-    async def source() -> AsyncIterator[int]:
+    async def source() -> AsyncGenerator[int, None]:
         try:
             yield 0
             await asyncio.Event().wait()
