@@ -135,12 +135,29 @@ class Drain:
             )
 
 
+# This process's drain. The functions below look it up when called, so a test can put a
+# fresh Drain in its place (monkeypatch) without touching the one the server uses.
 _drain = Drain()
 
-on_drain = _drain.on_drain
-draining = _drain.draining
-wait = _drain.wait
-until_drain = _drain.until_drain
+
+def on_drain(callback: DrainCallback) -> None:
+    """Run ``callback()`` (a coroutine function) when this process drains; once per callback."""
+    _drain.on_drain(callback)
+
+
+def draining() -> bool:
+    """Whether this process has begun draining."""
+    return _drain.draining()
+
+
+async def wait() -> None:
+    """Return once this process has begun draining."""
+    await _drain.wait()
+
+
+def until_drain(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Yield from ``items`` until they end; raise ``Draining`` if this process drains first."""
+    return _drain.until_drain(items)
 
 
 async def begin_drain(timeout_seconds: float = DEFAULT_CALLBACK_TIMEOUT_SECONDS) -> None:

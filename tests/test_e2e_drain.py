@@ -188,11 +188,8 @@ def stored_notification_ids(env: dict[str, str], username: str) -> list[int]:
 async def test_sigterm_ends_notification_stream_cleanly_and_last_event_id_loses_nothing(
     start_daphne: Callable[..., DaphneServer], sqlite_env: dict[str, str]
 ) -> None:
-    env = {
-        **sqlite_env,
-        "NOTIFICATIONS_POLL_SECONDS": "0.2",
-        "NOTIFICATIONS_RETRY_MILLISECONDS": "100",
-    }
+    # Notifications are sent by other processes: the server finds them by its poll.
+    env = {**sqlite_env, "NOTIFICATIONS_POLL_SECONDS": "0.2"}
     server = start_daphne(env, args=DRAIN_ARGS)
     run_django_script(_NOTIFY, env, "alice", "before 1", "before 2")
     async with logged_in(server, "alice") as client:
@@ -252,7 +249,8 @@ async def test_sigterm_interrupts_a_room_reply_which_is_stored_and_ended_before_
         assert await closed_with(member.ws) == CLOSE_SERVICE_RESTART
     assert await exit_code(server, sent) == 0
     assert_clean_log(server)
-    assert fake_openai.open_streams == 0, "the upstream stream was left open"
+    closed = await asyncio.to_thread(fake_openai.wait_until, lambda f: f.open_streams == 0, WAIT)
+    assert closed, "the upstream stream was left open"
     seq, user, text, status = stored_rows(assistant_db)[-1]
     assert (seq, user, status) == (end["seq"], "assistant", "interrupted")
     assert text == stored["text"]
@@ -412,6 +410,22 @@ async def test_request_headers_that_drip_are_cut_after_the_header_timeout(
 
 
 BODY_LIMIT = 65536
+# realtime_kit.protocols.REFUSED_LINGER_SECONDS (5 s), with a generous margin.
+LINGER_BOUND_SECONDS = 15.0
+
+
+def send_until_reset(sock: socket.socket, limit: float) -> bool:
+    """Keep sending body bytes; True once the server resets the connection within ``limit``."""
+    started = time.monotonic()
+    sock.settimeout(1)
+    while time.monotonic() - started < limit:
+        try:
+            sock.sendall(b"\0" * 65536)
+        except TimeoutError:
+            continue
+        except OSError:  # ECONNRESET or EPIPE
+            return True
+    return False
 
 
 async def test_a_body_over_the_bound_is_refused_before_it_is_read(
@@ -424,6 +438,8 @@ async def test_a_body_over_the_bound_is_refused_before_it_is_read(
     declared.sendall(head + b"Content-Length: %d\r\n\r\n" % (1 << 30) + b"\0" * BODY_LIMIT)
     answer = await asyncio.to_thread(read_response, declared)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # What it goes on sending is read and dropped for a while (the linger), then it is reset.
+    assert await asyncio.to_thread(send_until_reset, declared, LINGER_BOUND_SECONDS)
     declared.close()
     # A chunked body declares nothing: refused once it passes the bound, before its end.
     chunked = raw_connection(server)
