@@ -131,7 +131,7 @@ class DrainingServer(daphne.server.Server):
         self._ws_factory = DrainingWebSocketFactory(self, server=self.server_name)
 
     def run(self) -> None:
-        reactor.callWhenRunning(self._install_signal_handlers)
+        reactor.callWhenRunning(self._on_reactor_running)
         super().run()
 
     def listen_success(self, port: Any) -> None:
@@ -154,6 +154,16 @@ class DrainingServer(daphne.server.Server):
 
     # --- the drain -----------------------------------------------------------------------------
 
+    def _on_reactor_running(self) -> None:
+        if not (hasattr(self, "_http_factory") and hasattr(self, "_ws_factory")):
+            # A daphne that builds its factories differently: our bounds and drain would
+            # silently not apply. Refuse to serve instead.
+            logger.critical("This daphne did not take the runner's factories; stopping")
+            self.listen_failed = True
+            self.stop()
+            return
+        self._install_signal_handlers()
+
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_event_loop()  # daphne made the reactor's loop the current one
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -164,7 +174,7 @@ class DrainingServer(daphne.server.Server):
         if self._drain_task is None:
             timeout = self.options.drain_timeout_seconds
             logger.info("%s: draining, for at most %g s", name, timeout)
-            loop = asyncio.get_event_loop()
+            loop = asyncio.get_running_loop()
             self._drain_task = loop.create_task(self._drain(), context=contextvars.Context())
         else:
             logger.warning("%s again: stopping without waiting for open connections", name)
