@@ -33,9 +33,15 @@ migrate: $(VENV)/.runtime
 demo: migrate
 	$(BIN)/python manage.py chat_demo
 
+# Daphne through our runner (realtime_kit/server.py): SIGTERM or Ctrl-C drains (WebSockets
+# closed with 1012, streams ended, at most DRAIN_SECONDS) instead of cutting everything, and
+# HTTP requests are bounded (headers within 10 s, bodies up to 4 MiB). docs/deployment.md.
+DRAIN_SECONDS ?= 10
+
 run: setup
 	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl-C to stop)"
-	exec $(BIN)/daphne -b $(HOST) -p $(PORT) --websocket-max-message-size $(WS_MAX_BYTES) \
+	exec $(BIN)/python -m realtime_kit.server -b $(HOST) -p $(PORT) \
+		--websocket-max-message-size $(WS_MAX_BYTES) --drain-timeout $(DRAIN_SECONDS) \
 		project.asgi:application
 
 lint: setup-dev

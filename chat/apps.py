@@ -9,9 +9,15 @@ class ChatConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from realtime_kit import drain
+
         from . import (
+            assistant,
             checks,  # noqa: F401  (registers system checks)
             signals,
         )
 
         signals.connect()
+        # On a restart, running room replies are stored as interrupted and their end is
+        # broadcast before the runner closes the sockets.
+        drain.on_drain(assistant.interrupt_replies)

@@ -15,9 +15,11 @@ Each running reply listens on its own channel, added to two groups:
   owner process; the requester or staff may stop, and the partial text is stored as stopped.
 
 Failures (upstream errors, timeouts, a malformed stream) end the reply with status ``error``
-and the partial text stored with that mark. Every path closes the upstream stream and leaves
-the registry; database work goes through ``database_sync_to_async``, which releases the
-thread's connection around each call.
+and the partial text stored with that mark. A server restart (``realtime_kit.drain``, whose
+callback ``interrupt_replies`` chat's AppConfig registers) ends every running reply with status
+``interrupted`` the same way, before the runner closes the sockets. Every path closes the
+upstream stream and leaves the registry; database work goes through
+``database_sync_to_async``, which releases the thread's connection around each call.
 
 Limits: ``CHAT_ASSISTANT_MAX_CONCURRENT_PER_USER`` running replies per user (a lease of
 ``quotas.room_replies``, held while the reply runs: across processes with ``CHAT_REDIS_URL``)
@@ -44,6 +46,7 @@ from django.db import DatabaseError, IntegrityError
 from django.db.models.functions import Left
 from django.utils import timezone
 
+from realtime_kit import drain
 from realtime_kit.leases import Lease
 
 from . import assistant_protocol as ap
@@ -111,6 +114,7 @@ class Reply:
     started: bool = False  # assistant.start was broadcast: snapshots may be answered
     stop_requested: bool = False
     lease: Lease | None = None  # the requester's place among their running replies
+    stop_status: str = ap.STOPPED  # the status a stop stores: stopped, or interrupted
     task: asyncio.Task[None] | None = None
     next_delta: asyncio.Task[Any] | None = None
 
@@ -126,8 +130,10 @@ class Reply:
             next_index=self.next_index,
         )
 
-    def request_stop(self) -> None:
+    def request_stop(self, status: str = ap.STOPPED) -> None:
         """Stop reading the model: the stream is closed and the partial text stored."""
+        if not self.stop_requested:
+            self.stop_status = status
         self.stop_requested = True
         if self.next_delta is not None and not self.next_delta.done():
             self.next_delta.cancel()
@@ -165,11 +171,11 @@ class ReplyRegistry:
         )
         reply.task.add_done_callback(lambda _: self.discard(reply))
 
-    async def shutdown(self) -> None:
-        """Stop every reply (storing partial text) and wait for them to end."""
+    async def shutdown(self, status: str = ap.STOPPED) -> None:
+        """Stop every reply (storing partial text with ``status``) and wait for them to end."""
         replies = list(self._replies.values())
         for reply in replies:
-            reply.request_stop()
+            reply.request_stop(status)
         tasks = [r.task for r in replies if r.task is not None]
         if tasks:
             await asyncio.wait(tasks)
@@ -178,11 +184,21 @@ class ReplyRegistry:
 registry = ReplyRegistry()
 
 
+async def interrupt_replies() -> None:
+    """Drain callback: end every running reply as interrupted; members get ``assistant.end``."""
+    await registry.shutdown(ap.INTERRUPTED)
+
+
 # --- what the consumer calls ----------------------------------------------------------------
 
 
 async def request_reply(room: Room, user: User, message: Message) -> Reply:
     """Start a reply to ``message`` in ``room``; raise AssistantRefused when over a limit."""
+    if drain.draining():
+        # It would be interrupted at once: the server is about to close this socket.
+        raise AssistantRefused(
+            protocol.UNAVAILABLE, "The server is restarting; ask again in a moment."
+        )
     reply = Reply(
         stream_id=STREAM_ID_PREFIX + uuid.uuid4().hex,
         room_id=room.pk,
@@ -378,7 +394,7 @@ async def _pump(
             # later ones wait up to coalesce_seconds for company.
             if reply.next_index == 0 or len(reply.pending) >= coalesce_chars:
                 await _flush(reply)
-        return ap.STOPPED, None
+        return reply.stop_status, None
     finally:
         pending, reply.next_delta = reply.next_delta, None
         if pending is not None and not pending.done():

@@ -96,8 +96,11 @@ REPLY_TOO_LONG = "reply_too_long"
 
 # How a reply ended: assistant.end "status"; Message.status stores "" for done.
 DONE = "done"
-STOPPED = "stopped"
+STOPPED = "stopped"  # a member (the requester or staff) stopped it
 ERROR = "error"
+# The server restarted mid-reply (realtime_kit.drain): the partial text is stored, and the
+# panel endpoint ends its stream with an error event of this code. Asking again works.
+INTERRUPTED = "interrupted"
 
 
 def start_frame(

@@ -2,7 +2,9 @@
 
 ``POST /chat/assistant/stream/`` answers Server-Sent Events from an async view (the classic
 pattern): ``data: {"content": "<delta>"}`` per delta, then ``data: [DONE]``; a failure ends
-the stream with ``event: error`` and ``data: {"code", "message"}``. When the client goes away
+the stream with ``event: error`` and ``data: {"code", "message"}``; so does a server restart
+(code ``interrupted``: the runner's drain ends the stream, which the panel shows as
+interrupted, keeping the text so far). When the client goes away
 Django cancels the response and closes its iterator with ``aclosing``; the backend's
 ``finally`` then closes the upstream stream, so the model server sees its connection drop.
 """
@@ -23,6 +25,7 @@ from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
+from realtime_kit import drain
 from realtime_kit.leases import Lease
 
 from . import assistant_protocol, quotas, sse
@@ -31,6 +34,8 @@ from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
 from .paging import error_response
 
 logger = logging.getLogger(__name__)
+
+RESTART_MESSAGE = "The server restarted during the reply; ask again."
 
 
 @login_required
@@ -127,9 +132,14 @@ async def reply_events(
     yield sse.comment("stream")
     try:
         async with aclosing(backend.stream(messages)) as deltas:
-            async for delta in deltas:
+            async for delta in drain.until_drain(deltas):
                 yield sse.encode_json({"content": delta})
     except LLMError as exc:
         yield sse.encode_json({"code": exc.code, "message": exc.message}, event="error")
+        return
+    except drain.Draining:
+        # The body then ends normally (the last chunk is sent): the panel is told, not cut off.
+        restarting = {"code": assistant_protocol.INTERRUPTED, "message": RESTART_MESSAGE}
+        yield sse.encode_json(restarting, event="error")
         return
     yield sse.DONE

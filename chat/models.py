@@ -55,9 +55,10 @@ class Message(models.Model):
         COMPLETE = "", "complete"
         STOPPED = "stopped", "stopped"
         ERROR = "error", "error"
+        INTERRUPTED = "interrupted", "interrupted"
 
     # How an assistant reply ended: "" (complete, and every member's message), or its partial
-    # text stopped by a member or cut by an upstream failure.
+    # text stopped by a member, cut by an upstream failure or interrupted by a server restart.
     status = models.CharField(max_length=16, choices=Status, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

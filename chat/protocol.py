@@ -261,7 +261,8 @@ def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[
         "client_id": message.client_id or None,
         "created_at": message.created_at.isoformat(),
     }
-    # Only assistant replies that were stopped or failed carry a status ("stopped", "error").
+    # Only assistant replies that did not complete carry a status ("stopped", "error",
+    # "interrupted").
     status = getattr(message, "status", "")
     if status:
         frame["status"] = status

@@ -9,4 +9,9 @@ class NotificationsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks  # noqa: F401  (registers system checks)
+        from realtime_kit import drain
+
+        from . import checks, hub  # noqa: F401  (checks registers system checks)
+
+        # On a restart, open streams end cleanly; clients resume with Last-Event-ID.
+        drain.on_drain(hub.end_streams)

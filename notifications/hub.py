@@ -48,7 +48,12 @@ class UnreadChanged:
     pass
 
 
-Item = Range | UnreadChanged
+@dataclass(frozen=True)
+class Ended:
+    """The stream must end now (the process is draining); the client resumes elsewhere."""
+
+
+Item = Range | UnreadChanged | Ended
 
 
 class Subscription:
@@ -59,8 +64,19 @@ class Subscription:
         self.limit = max(limit, 2)
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._unread_pending = False
+        self._ended = False
+
+    def end(self) -> None:
+        """Make ``get`` return ``Ended`` from now on, before anything still queued."""
+        if self._ended:
+            return
+        self._ended = True
+        # Wakes a waiting get; past the limit on purpose (one item, and the stream stops).
+        self._queue.put_nowait(Ended())
 
     def put(self, item: Item) -> None:
+        if self._ended:
+            return
         if isinstance(item, UnreadChanged):
             if self._unread_pending:
                 return
@@ -83,7 +99,12 @@ class Subscription:
             self._queue.put_nowait(UnreadChanged())
 
     async def get(self) -> Item:
+        # Whatever is still queued is in the database: the resumed stream reads it there.
+        if self._ended:
+            return Ended()
         item = await self._queue.get()
+        if self._ended:
+            return Ended()
         if isinstance(item, UnreadChanged):
             self._unread_pending = False
         return item
@@ -127,6 +148,12 @@ class Hub:
 
     def subscriptions(self) -> int:
         return sum(len(subs) for subs in self._subs.values())
+
+    def end_streams(self) -> None:
+        """End every stream of this hub (the process is draining)."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.end()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -242,6 +269,13 @@ class Hub:
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+async def end_streams() -> None:
+    """Drain callback: end the streams of the running loop's hub, if it has one."""
+    hub = _hubs.get(asyncio.get_running_loop())
+    if hub is not None:
+        hub.end_streams()
 
 
 def get_hub() -> Hub:

@@ -7,6 +7,10 @@ without Last-Event-ID connected: those are in the unread count). A range at or b
 is a duplicate and dropped; a range that starts above it is a gap, filled from the database
 first. Clients thus get each notification once, in id order.
 
+When the process drains for a restart (``realtime_kit.drain``), the hub ends every
+subscription: the stream stops at an event boundary and its response ends normally, so the
+browser reconnects after ``retry`` with the last id it received and the replay sends the rest.
+
 Concurrent streams are counted per user by a ``realtime_kit`` lease per stream, under
 ``<NOTIFICATIONS_REDIS_KEY_PREFIX>:streams:<user id>``: in this process, or for every process
 when ``NOTIFICATIONS_REDIS_URL`` is set. The view refuses streams beyond
@@ -24,11 +28,12 @@ from collections.abc import AsyncIterator
 
 from django.db import DatabaseError
 
+from realtime_kit import drain
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 
 from . import protocol, services, sse
 from .conf import app_settings
-from .hub import Range, Subscription, UnreadChanged, get_hub
+from .hub import Ended, Range, Subscription, UnreadChanged, get_hub
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +139,8 @@ class NotificationStream:
         self.synced = max(self.synced, upto)
 
     async def _live(self, sub: Subscription) -> AsyncIterator[bytes]:
+        if drain.draining():
+            return  # the hub may have ended its streams before this one subscribed
         loop = asyncio.get_running_loop()
         keepalive = app_settings.KEEPALIVE_SECONDS
         last_write = loop.time()
@@ -146,6 +153,8 @@ class NotificationStream:
                 yield _bytes(protocol.keepalive())
                 last_write = loop.time()
                 continue
+            if isinstance(item, Ended):
+                return
             async for chunk in self._handle(item):
                 yield chunk
                 last_write = loop.time()

@@ -132,8 +132,10 @@ def start_daphne() -> Iterator[Callable[..., DaphneServer]]:
     """Factory: ``start_daphne(env)`` starts a daphne that is stopped after the test."""
     started: list[DaphneServer] = []
 
-    def start(env: dict[str, str], port: int | None = None) -> DaphneServer:
-        server = DaphneServer(env, port=port)
+    def start(
+        env: dict[str, str], port: int | None = None, args: list[str] | None = None
+    ) -> DaphneServer:
+        server = DaphneServer(env, port=port, args=args)
         started.append(server)
         return server.start()
 

@@ -34,7 +34,12 @@ TEST_PASSWORD = "pw-for-tests-1"
 USERNAMES = ("alice", "bob", "carol")
 # Daphne refuses (close 1009) WebSocket messages above this size, like `make run`.
 WS_MAX_MESSAGE_BYTES = 65536
+# Daphne under the runner (graceful drain, HTTP bounds), as `make run` serves.
+RUNNER_MODULE = "realtime_kit.server"
 START_TIMEOUT_SECONDS = 20.0
+# A stop (SIGTERM) drains for at most DRAIN_TIMEOUT_SECONDS, then the runner exits; a process
+# still there after STOP_TIMEOUT_SECONDS is killed.
+DRAIN_TIMEOUT_SECONDS = 3.0
 STOP_TIMEOUT_SECONDS = 5.0
 LOG_TAIL_CHARS = 6000
 
@@ -290,13 +295,18 @@ class PostgresServer(_Process):
 
 
 class DaphneServer(_Process):
-    """``daphne project.asgi:application`` on a loopback port, with extra environment."""
+    """``project.asgi:application`` on a loopback port, served by daphne through our runner
+    (``python -m realtime_kit.server``, as ``make run`` does), with extra environment and
+    runner options (``args``)."""
 
     name = "daphne"
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], port: int | None = None, args: list[str] | None = None
+    ) -> None:
         super().__init__()
         self.extra_env = dict(env)
+        self.extra_args = list(args or [])
         self._port = port or free_port()
 
     @property
@@ -319,8 +329,9 @@ class DaphneServer(_Process):
     def start(self) -> DaphneServer:
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", **self.extra_env}
         env["PYTHONUNBUFFERED"] = "1"
-        args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self._port)]
+        args = [sys.executable, "-m", RUNNER_MODULE, "-b", "127.0.0.1", "-p", str(self._port)]
         args += ["--websocket-max-message-size", str(WS_MAX_MESSAGE_BYTES)]
+        args += ["--drain-timeout", str(DRAIN_TIMEOUT_SECONDS), *self.extra_args]
         self._spawn([*args, "project.asgi:application"], env=env, cwd=REPO_ROOT)
         _wait_until(self._healthy, self, START_TIMEOUT_SECONDS, "GET /healthz")
         started_daphnes.append(self)

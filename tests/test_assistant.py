@@ -24,6 +24,8 @@ from chat import assistant_protocol as ap
 from chat.llm.demo import demo_reply
 from chat.models import Message, Room
 from chat.routing import websocket_urlpatterns
+from realtime_kit import drain as realtime_drain
+from realtime_kit.drain import Drain
 from tests.fake_openai import FakeOpenAI, Scenario, fake_openai, fake_openai_server  # noqa: F401
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -513,4 +515,20 @@ async def test_shutdown_stores_partial_replies_as_stopped(
     assert end["status"] == "stopped"
     row = await stored(sid)
     assert row is not None and row.status == "stopped"
+    await alice.close()
+
+
+async def test_no_reply_starts_while_the_process_drains(
+    llm: FakeOpenAI, people: dict[str, User], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It would be interrupted at once, after the drain's callbacks ran: refused instead.
+    restarting = Drain()
+    await restarting.begin()
+    monkeypatch.setattr(realtime_drain, "_drain", restarting)
+    alice = await Member(people["alice"]).connect()
+    await alice.post("@assistant are you there?")
+    error = await alice.frame("error")
+    assert error["code"] == "unavailable" and "restarting" in error["message"]
+    assert len(assistant.registry) == 0
+    assert llm.records() == []
     await alice.close()

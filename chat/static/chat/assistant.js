@@ -5,7 +5,8 @@
  * reads the Server-Sent Events body through a ReadableStream reader:
  *   data: {"content": "<delta>"}   a piece of the reply (rendered as text, never HTML)
  *   data: [DONE]                   the reply is complete
- *   event: error + data: {"code", "message"}   the reply failed
+ *   event: error + data: {"code", "message"}   the reply failed; code "interrupted": the
+ *                                              server restarted mid-reply (shown as such)
  * Network chunks do not follow event boundaries: an event can be split across chunks, and one
  * chunk can hold several events, so partial lines wait in a buffer until their blank line.
  *
@@ -23,6 +24,13 @@
     streaming: "answering…",
     done: "done",
     stopped: "stopped",
+    interrupted: "interrupted",
+    error: "failed",
+  };
+  // How a reply that did not complete is marked in the conversation.
+  const OUTCOME_LABELS = {
+    stopped: "stopped",
+    interrupted: "interrupted: the server restarted",
     error: "failed",
   };
 
@@ -105,6 +113,8 @@
         });
         if (end.done) outcome = "done";
         else failure = end.error || { message: "The reply ended early. Ask again." };
+        // A restart (the server's drain) ends the stream on purpose: not a failure of the model.
+        if (failure && failure.code === "interrupted") outcome = "interrupted";
       }
     } catch (err) {
       if (err && err.name === "AbortError") outcome = "stopped";
@@ -113,7 +123,7 @@
     controller = null;
     entry.classList.remove("streaming");
     entry.dataset.status = outcome;
-    if (outcome !== "done") setStatus(entry, outcome === "stopped" ? "stopped" : "failed");
+    if (outcome !== "done") setStatus(entry, OUTCOME_LABELS[outcome]);
     // A partial reply stays in the conversation, so the next question has the same context.
     if (lastReply) turns.push({ role: "assistant", content: lastReply });
     if (failure) showError(failure.message || "The assistant failed.");

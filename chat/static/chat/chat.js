@@ -51,6 +51,10 @@
     4404: "This room does not exist.",
     4429: "Too many chat tabs are open for your account. Close some, then reload this page.",
   };
+  // 1012 "service restart": the server is draining for a deploy (docs/protocol.md). Reconnect
+  // as after any transient close, with a notice that says why.
+  const CLOSE_SERVICE_RESTART = 1012;
+  const RESTART_NOTICE = "The server is restarting. Reconnecting; what you write is kept and sent then.";
   // Errors for one message that the same frame will hit again later: keep it and retry.
   const RETRYABLE_ERRORS = new Set(["rate_limited", "unavailable"]);
   const STATE_LABELS = {
@@ -248,7 +252,7 @@
   function onClosed(code) {
     teardown();
     if (FATAL_CLOSES[code]) stopForGood(FATAL_CLOSES[code]);
-    else scheduleReconnect();
+    else scheduleReconnect(code === CLOSE_SERVICE_RESTART ? RESTART_NOTICE : undefined);
   }
 
   function stopForGood(message) {
@@ -261,11 +265,14 @@
   }
 
   // Full jitter: many clients dropped by one server restart spread their retries out.
-  function scheduleReconnect() {
+  function scheduleReconnect(notice) {
     if (fatal) return;
     setState(navigator.onLine === false ? "offline" : "reconnecting");
     if (everConnected) {
-      showNotice("Connection lost. Reconnecting; what you write is kept and sent then.", "connection");
+      showNotice(
+        notice || "Connection lost. Reconnecting; what you write is kept and sent then.",
+        "connection"
+      );
     }
     const ceiling = Math.min(config.backoffCapMs, config.backoffBaseMs * 2 ** attempt);
     attempt += 1;

@@ -8,7 +8,8 @@
  *   assistant.delta  {index, content}: applied in index order; an index already applied is a
  *                    duplicate (it was in the text so far) and is dropped
  *   message          the stored reply (client_id = stream_id) replaces the live bubble
- *   assistant.end    status done / stopped / error; a reply that stored nothing shows its error
+ *   assistant.end    status done / stopped / error / interrupted (the server restarted mid-reply;
+ *                    the partial text is stored); a reply that stored nothing shows its error
  *
  * The requester and staff get a Stop button (sends assistant.stop). Text is always rendered
  * with textContent, never as HTML.
@@ -19,7 +20,11 @@
 (function () {
   "use strict";
 
-  const STATUS_LABELS = { stopped: "stopped", error: "failed" };
+  const STATUS_LABELS = {
+    stopped: "stopped",
+    error: "failed",
+    interrupted: "interrupted: the server restarted",
+  };
 
   const root = document.getElementById("chat-room");
   if (!root) return;
