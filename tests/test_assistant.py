@@ -19,7 +19,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import override_settings
 
-from chat import assistant
+from chat import assistant, protocol
 from chat import assistant_protocol as ap
 from chat.llm.demo import demo_reply
 from chat.models import Message, Room
@@ -532,3 +532,33 @@ async def test_no_reply_starts_while_the_process_drains(
     assert len(assistant.registry) == 0
     assert llm.records() == []
     await alice.close()
+
+
+async def test_a_reply_of_control_characters_is_cut_at_the_encoded_byte_bound(
+    llm: FakeOpenAI, people: dict[str, User]
+) -> None:
+    # 30,000 characters, 180 KB once escaped: under the old character limit (16,000) it was
+    # stored as a 96 KB frame, over daphne's 64 KiB, and every member's socket closed 1011.
+    llm.scenario = Scenario(tokens=["\u0001" * 100] * 300)
+    alice = await Member(people["alice"]).connect()
+    sid = (await ask(alice))["stream_id"]
+    end = await ended(alice, sid)
+    assert end["status"] == "error" and end["error"]["code"] == "reply_too_long", end
+    stored = await Message.objects.aget(seq=end["seq"])
+    assert protocol.encoded_text_bytes(stored.text) <= 16 * 1024
+    assert stored.text and set(stored.text) == {"\u0001"}
+    await alice.close()
+    # A member joining later gets it in history, within one server message of 64 KiB.
+    late = Member(people["bob"])
+    ok, _ = await late.comm.connect(timeout=TIMEOUT)
+    assert ok
+    sizes = []
+    while True:
+        raw = await late.comm.receive_from(timeout=TIMEOUT)
+        sizes.append(len(raw.encode("utf-8")))
+        frames = json.loads(raw)
+        frames = frames if isinstance(frames, list) else [frames]
+        if any(f["type"] == "message" and f.get("seq") == end["seq"] for f in frames):
+            break
+    assert max(sizes) <= 65536
+    await late.comm.disconnect()

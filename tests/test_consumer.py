@@ -387,3 +387,32 @@ async def test_pong_reports_the_room_last_seq_so_clients_detect_lost_broadcasts(
     await send(comm, {"type": "resume", "after": 0})
     assert [m["seq"] for m in await frames(comm)] == [1, 2]
     await comm.disconnect()
+
+
+async def test_making_a_room_private_closes_the_sockets_of_non_members(
+    alice: User, bob: User, lobby: Room
+) -> None:
+    await database_sync_to_async(Membership.objects.create)(room=lobby, user=alice)
+    member = await connected(alice, "lobby")
+    outsider = await connected(bob, "lobby")
+    lobby.is_private = True
+    await database_sync_to_async(lobby.save)()
+    while True:
+        output = await outsider.receive_output(timeout=TIMEOUT)
+        if output["type"] == "websocket.close":
+            break
+    assert output["code"] == protocol.CLOSE_FORBIDDEN
+    await send(member, {"type": "ping"})
+    assert (await frame(member))["type"] == "pong"
+    await member.disconnect()
+
+
+async def test_deactivating_a_user_closes_their_sockets(alice: User, lobby: Room) -> None:
+    comm = await connected(alice, "lobby")
+    alice.is_active = False
+    await database_sync_to_async(alice.save)()
+    while True:
+        output = await comm.receive_output(timeout=TIMEOUT)
+        if output["type"] == "websocket.close":
+            break
+    assert output["code"] == protocol.CLOSE_UNAUTHENTICATED
