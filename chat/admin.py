@@ -69,7 +69,8 @@ class RoomAdmin(admin.ModelAdmin):
             return "presence store unavailable"
         if not state:
             return "nobody"
-        return ", ".join(
+        sockets = sum(u.connections for u in state.values())
+        return f"{len(state)} users, {sockets} sockets: " + ", ".join(
             f"{u.username} ({u.connections} connection{'s' if u.connections != 1 else ''})"
             for u in sorted(state.values(), key=lambda u: u.username)
         )

@@ -21,3 +21,11 @@ class ChatConfig(AppConfig):
         # On a restart, running room replies are stored as interrupted and their end is
         # broadcast before the runner closes the sockets.
         drain.on_drain(assistant.interrupt_replies)
+        drain.on_drain(_stop_counting)
+
+
+async def _stop_counting() -> None:
+    # This process's live gauges (open sockets, streams) stop adding to the site's totals.
+    from realtime_kit.metrics import mark_process_dead
+
+    mark_process_dead()

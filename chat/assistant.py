@@ -48,6 +48,7 @@ from django.utils import timezone
 
 from realtime_kit import drain
 from realtime_kit.leases import Lease
+from realtime_kit.metrics import metrics
 
 from . import assistant_protocol as ap
 from . import protocol, quotas, services
@@ -155,11 +156,14 @@ class ReplyRegistry:
         return [r for r in self._replies.values() if room_id is None or r.room_id == room_id]
 
     def add(self, reply: Reply) -> None:
+        if reply.stream_id not in self._replies:
+            metrics().assistant_streams.labels(kind="room").inc()
         self._replies[reply.stream_id] = reply
 
     def discard(self, reply: Reply) -> None:
         if self._replies.get(reply.stream_id) is reply:
             del self._replies[reply.stream_id]
+            metrics().assistant_streams.labels(kind="room").dec()
         if reply.lease is not None:
             reply.lease.release_soon()
 
@@ -418,6 +422,7 @@ async def _flush(reply: Reply) -> None:
     content, reply.pending = reply.pending, ""
     index = reply.next_index
     reply.next_index += 1
+    metrics().assistant_tokens.labels(kind="room").inc()
     reply.text += content
     await _broadcast(reply, ap.delta_frame(reply.stream_id, index, content))
 

@@ -27,6 +27,7 @@ from django.views.decorators.http import require_POST
 
 from realtime_kit import drain
 from realtime_kit.leases import Lease
+from realtime_kit.metrics import metrics
 
 from . import assistant_protocol, quotas, sse
 from .conf import app_settings
@@ -115,11 +116,14 @@ async def _releasing(
     body: AsyncGenerator[bytes, None], lease: Lease
 ) -> AsyncGenerator[bytes, None]:
     """``body``, then give the user's panel slot back however the stream ends."""
+    running = metrics().assistant_streams.labels(kind="panel")
+    running.inc()
     try:
         async with aclosing(body) as events:
             async for event in events:
                 yield event
     finally:
+        running.dec()
         # Not awaited: this may run while the response is being cancelled.
         lease.release_soon()
 
@@ -132,7 +136,9 @@ async def reply_events(
     yield sse.comment("stream")
     try:
         async with aclosing(backend.stream(messages)) as deltas:
+            tokens = metrics().assistant_tokens.labels(kind="panel")
             async for delta in drain.until_drain(deltas):
+                tokens.inc()
                 yield sse.encode_json({"content": delta})
     except LLMError as exc:
         yield sse.encode_json({"code": exc.code, "message": exc.message}, event="error")

@@ -84,6 +84,12 @@ class ChatSettings:
         return float(self._get("GAP_GRACE_MILLISECONDS", 50.0))
 
     @property
+    def METRICS_TOKEN(self) -> str:
+        """Bearer token a Prometheus scraper sends to ``chat.views.metrics`` ('' = staff
+        sessions only). Never logged."""
+        return str(self._get("METRICS_TOKEN", "") or "")
+
+    @property
     def MAX_FRAMES_PER_MESSAGE(self) -> int:
         """Most frames a client may batch in one WebSocket message (a JSON array)."""
         return int(self._get("MAX_FRAMES_PER_MESSAGE", 50))

@@ -32,6 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError
 
 from realtime_kit.leases import Lease
+from realtime_kit.metrics import metrics
 
 from . import assistant, protocol, quotas, services
 from .conf import app_settings
@@ -68,6 +69,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     pending_read: int | None = None
     read_timer: asyncio.TimerHandle | None = None
     socket_lease: Lease | None = None
+    counted = False  # in the open-sockets gauge
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -151,6 +153,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._refuse_too_many()
             return
         await self.hub.attach(self.room.pk, self)
+        self.counted = True
+        metrics().sockets_open.inc()
         await self._start_session()
 
     async def _refuse_too_many(self) -> None:
@@ -250,6 +254,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self._ended = True
         self.live = False
+        if self.counted:
+            metrics().sockets_open.dec()
         if self.hub is not None and hasattr(self, "room"):
             self.hub.detach(self.room.pk, self)
         if self.socket_lease is not None:
@@ -276,6 +282,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.live = False
         if self.hub is not None:
             self.hub.detach(self.room.pk, self)
+        metrics().socket_closes.labels(code=str(code)).inc()
         discard = code == protocol.CLOSE_SLOW_CONSUMER
         task = asyncio.ensure_future(self.writer.close(code, discard=discard))
         self._background.add(task)
@@ -330,6 +337,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             # Refused without a transaction: this process alone stored the limit already.
             self._rate_limited(cid)
             return
+        started = time.perf_counter()
         try:
             result = await services.apost_message(
                 self.room.pk, self.user, frame.text, frame.client_id, origin=self.conn_id
@@ -344,6 +352,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("Storing a message in room %s failed", self.room.slug)
             self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
             return
+        metrics().message_store_seconds.observe(time.perf_counter() - started)
         if result.created:
             window.record(self.user_id, time.monotonic(), frame.client_id)
         # The ack goes out with the room's next batch, before the message itself.
@@ -475,6 +484,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def congested(self) -> bool:
         return self.writer.backlog_bytes() > app_settings.MAX_OUTBOUND_BYTES // 4
+
+    def backlog_bytes(self) -> int:
+        return self.writer.backlog_bytes()
 
     # --- sending -------------------------------------------------------------------------
 

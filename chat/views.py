@@ -9,6 +9,8 @@ from django.http.response import HttpResponseBase
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from realtime_kit.metrics import metrics_response
+
 from . import protocol, services
 from .conf import app_settings
 from .export import RoomSnapshot, export_response, parse_format
@@ -99,3 +101,8 @@ async def room_presence(request: HttpRequest, slug: str) -> HttpResponse:
     state = await get_hub().snapshot(room.pk)
     frame = protocol.presence_state_frame(list(state.values()))
     return JsonResponse({"room": room.slug, "users": frame["users"]})
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics of this site's chat and notifications (staff, or the token)."""
+    return metrics_response(request, app_settings.METRICS_TOKEN)

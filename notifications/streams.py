@@ -30,6 +30,7 @@ from django.db import DatabaseError
 
 from realtime_kit import drain
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
+from realtime_kit.metrics import metrics
 
 from . import protocol, services, sse
 from .conf import app_settings
@@ -97,6 +98,8 @@ class NotificationStream:
         """The response body. Ends when the client leaves; cleans up in ``finally``."""
         hub = get_hub()
         sub: Subscription | None = None
+        gauge = metrics().sse_streams_open
+        gauge.inc()
         try:
             # Headers and the first bytes go out at once (daphne sends headers with the body).
             yield _bytes(sse.encode_retry(app_settings.RETRY_MILLISECONDS))
@@ -109,6 +112,7 @@ class NotificationStream:
             # End the response cleanly: the client reconnects with Last-Event-ID after retry.
             logger.warning("Notification stream of user %s ended", self.user_id, exc_info=True)
         finally:
+            gauge.dec()
             if sub is not None:
                 await hub.unsubscribe(sub)
             self.slot.release()
@@ -132,6 +136,7 @@ class NotificationStream:
         while self.synced < upto:
             events = await services.aevents_between(self.user_id, self.synced, upto, batch)
             if events:
+                metrics().notifications_delivered.inc(len(events))
                 yield _bytes("".join(protocol.notification_event(i, d) for i, d in events))
             if len(events) < batch:
                 break
@@ -174,4 +179,5 @@ class NotificationStream:
         fresh = [(i, d) for i, d in item.events if i > self.synced]
         self.synced = item.upto
         if fresh:
+            metrics().notifications_delivered.inc(len(fresh))
             yield _bytes("".join(protocol.notification_event(i, d) for i, d in fresh))

@@ -32,6 +32,8 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 from django.db import DatabaseError
 
+from realtime_kit.metrics import metrics
+
 from .. import protocol
 from ..protocol import Encoded
 from ..ratelimit import SlidingWindow
@@ -48,6 +50,8 @@ IDLE_ROOM_LINGER_SECONDS = 5.0
 ACK_WAIT_SECONDS = 1.0
 # Acks a socket may have queued whose message has not arrived yet (Redis lost it).
 MAX_UNMATCHED_ACKS = 100
+# How often the largest outbound backlog of the process's sockets is published.
+BACKLOG_SAMPLE_SECONDS = 5.0
 
 
 class Detached(Exception):
@@ -70,6 +74,7 @@ class Member(Protocol):
 
     def deliver(self, messages: list[Packed], last_seq: int | None) -> None: ...
     def congested(self) -> bool: ...
+    def backlog_bytes(self) -> int: ...
     def revoke(self, code: int) -> None: ...
 
 
@@ -180,6 +185,7 @@ class RoomHub:
                     room.idle_handle = None
                 room.members[member.conn_id] = member
                 self.by_user.setdefault(member.user_id, set()).add(member)
+                metrics().rooms_with_sockets.set(len(self.rooms))
                 if not room.subscribed:
                     await self._subscribe(room)
                 return
@@ -227,6 +233,7 @@ class RoomHub:
             if room.members or self.rooms.get(room.id) is not room:
                 return
             del self.rooms[room.id]
+            metrics().rooms_with_sockets.set(len(self.rooms))
             for handle in (room.flush_handle, room.gap_handle):
                 if handle is not None:
                     handle.cancel()
@@ -317,6 +324,7 @@ class RoomHub:
             self.channel = await self.layer.new_channel("chat.hub.")
             await self.layer.group_add(CONTROL_GROUP, self.channel)
             self._receiver = asyncio.get_running_loop().create_task(self._receive_loop())
+            self._spawn(self._sample_loop())
 
     async def _receive_loop(self) -> None:
         channel = self._channel()
@@ -463,6 +471,7 @@ class RoomHub:
         origins = {i.origin for i in items if i.origin is not None}
         has_ephemeral = any(i.ephemeral for i in items)
         common: list[Packed] | None = None
+        fast_deliveries = 0
         for member in list(room.members.values()):
             own = direct.get(member.conn_id)
             if not member.live:
@@ -484,6 +493,7 @@ class RoomHub:
                 if common is None:
                     common = self.pack([i.enc for i in items])
                 member.deliver(common, last_seq)
+                fast_deliveries += 1
                 continue
             chosen = [
                 i
@@ -499,6 +509,13 @@ class RoomHub:
                     room.direct.setdefault(member.conn_id, []).extend(own)
                 continue
             self._deliver_own(room, member, own or [], chosen)
+        if items:
+            # Counted once per flush, not per socket (the slow path counts its own).
+            m = metrics()
+            m.batch_frames.observe(len(items))
+            if fast_deliveries and common is not None:
+                m.frames_delivered.inc(len(items) * fast_deliveries)
+                m.bytes_delivered.inc(sum(len(p.data) for p in common) * fast_deliveries)
 
     def _deliver_own(
         self,
@@ -527,7 +544,11 @@ class RoomHub:
             if item.seq is not None:
                 last_seq = item.seq
         if frames:
-            member.deliver(self.pack(frames), last_seq)
+            packed = self.pack(frames)
+            member.deliver(packed, last_seq)
+            m = metrics()
+            m.frames_delivered.inc(len(frames))
+            m.bytes_delivered.inc(sum(len(p.data) for p in packed))
 
     def pack(self, frames: list[Encoded]) -> list[Packed]:
         return [Packed.of(text) for text in protocol.pack(frames, self.budget_bytes)]
@@ -570,6 +591,13 @@ class RoomHub:
                 member.revoke(protocol.CLOSE_FORBIDDEN)
 
     # --- housekeeping --------------------------------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        """Publish the largest outbound backlog every few seconds (O(sockets) per sample)."""
+        while True:
+            await asyncio.sleep(BACKLOG_SAMPLE_SECONDS)
+            backlogs = [m.backlog_bytes() for m in self.members()]
+            metrics().outbound_backlog_bytes.set(max(backlogs, default=0))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
