@@ -37,7 +37,8 @@ from realtime_kit.metrics import metrics
 from . import assistant, protocol, quotas, services
 from .conf import app_settings
 from .delivery import inbound, writers
-from .delivery.hub import Detached, Packed, RoomHub, get_room_hub
+from .delivery.hub import Detached, RoomHub, get_room_hub
+from .delivery.writers import Packed
 from .models import Message, Room
 from .presence import RateGate
 from .presence_hub import PresenceHub, get_hub
@@ -69,6 +70,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     pending_read: int | None = None
     read_timer: asyncio.TimerHandle | None = None
     socket_lease: Lease | None = None
+    msgpack = False  # frames as MessagePack (subprotocol chat.v1.msgpack)
     counted = False  # in the open-sockets gauge
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -110,6 +112,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     ) -> None:
         if text_data is not None:
             self._write([Packed.of(text_data)])
+        if bytes_data is not None:
+            self._write([Packed.of_binary(bytes_data)])
         if close:
             await self.close()
 
@@ -128,7 +132,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         # Accept before refusing: a close code only reaches a client after the handshake.
-        await self.accept()
+        if protocol.SUBPROTOCOL_MSGPACK in self.scope.get("subprotocols", ()):
+            self.msgpack = True
+            await self.accept(subprotocol=protocol.SUBPROTOCOL_MSGPACK)
+        else:
+            await self.accept()
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=protocol.CLOSE_UNAUTHENTICATED)
@@ -293,8 +301,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.closing or not self.live:
             return
-        if text_data is None:
-            self._error(protocol.BAD_FRAME, "Send JSON in text messages, not binary.")
+        if (text_data is None) == self.msgpack and (bytes_data is None) != self.msgpack:
+            pass  # the socket's own format
+        else:
+            wanted = "MessagePack in binary" if self.msgpack else "JSON in text"
+            self._error(protocol.BAD_FRAME, f"Send {wanted} messages on this socket.")
             return
         limits = protocol.Limits(
             max_text_length=app_settings.MAX_TEXT_LENGTH,
@@ -303,7 +314,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             max_text_bytes=app_settings.MAX_TEXT_BYTES,
         )
         try:
-            frames = protocol.parse_client_text(text_data, limits)
+            if bytes_data is not None:
+                frames = protocol.parse_client_msgpack(bytes_data, limits)
+            else:
+                frames = protocol.parse_client_text(text_data or "", limits)
         except protocol.ProtocolError as exc:
             self._error(exc.code, exc.message)
             return
@@ -501,7 +515,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.revoke(protocol.CLOSE_SLOW_CONSUMER)
             return
         for message in messages:
-            self.writer.write(message.text, message.data)
+            self.writer.write(message)
 
     async def _write_paced(self, messages: list[Packed]) -> None:
         """Write what the server pulls (replays) at the client's pace: wait while half the
@@ -514,10 +528,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     self.revoke(protocol.CLOSE_SLOW_CONSUMER)
             if self.closing:
                 return
-            self.writer.write(message.text, message.data)
+            self.writer.write(message)
 
     def _pack(self, frames: list[Encoded]) -> list[Packed]:
         budget = app_settings.MAX_SEND_BYTES
+        if self.msgpack:
+            return [Packed.of_binary(data) for data in protocol.pack_msgpack(frames, budget)]
         return [Packed.of(text) for text in protocol.pack(frames, budget)]
 
     def _reply(self, frame: dict[str, Any], ack_seq: int | None = None) -> None:
@@ -530,7 +546,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _error(self, code: str, message: str, client_id: str | None = None) -> None:
         self._reply(protocol.error_frame(code, message, client_id))
 
-    async def _send_presence(self, text: str) -> None:
+    async def _send_presence(self, enc: Encoded) -> None:
         # Presence diffs are the first thing a falling-behind socket goes without: it gets the
         # whole state again once it has caught up (``deliver``).
         if self.closing:
@@ -538,7 +554,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.congested():
             self.presence_stale = True
             return
-        self._write([Packed.of(text)])
+        self._write(self._pack([enc]))
 
     def _send_presence_state(self, users: Any) -> None:
         frames = protocol.presence_state_frames(list(users), app_settings.MAX_SEND_BYTES)

@@ -42,11 +42,14 @@ from .presence import (
     with_connection,
 )
 from .presence_stores import BasePresenceStore, get_store
+from .protocol import Encoded
 from .ratelimit import SlidingWindow
 
 logger = logging.getLogger(__name__)
 
-Sender = Callable[[str], Awaitable[None]]
+# Receives each presence frame encoded once for every socket (``Encoded`` keeps its other
+# formats once made, so a MessagePack socket costs one conversion per frame, not per socket).
+Sender = Callable[[Encoded], Awaitable[None]]
 
 # Relayed "started typing" per (room, user) per typing interval (each may be followed by one
 # "stopped"): the bound on what [start, stop] x N from one client costs every member.
@@ -253,15 +256,15 @@ class PresenceHub:
             room.state = new
             room.known = True
             if joins or leaves:
-                text = protocol.encode(protocol.presence_diff_frame(joins, leaves))
+                enc = Encoded.of(protocol.presence_diff_frame(joins, leaves))
                 for item in list(room.local.values()):
-                    await self._send(item.send, text)
+                    await self._send(item.send, enc)
             if room.coalescer.dirty_since is not None and room.timer is None:
                 self._mark_dirty(room_id)
 
-    async def _send(self, send: Sender, text: str) -> None:
+    async def _send(self, send: Sender, enc: Encoded) -> None:
         try:
-            await send(text)
+            await send(enc)
         except Exception:
             logger.debug("Dropping a presence frame to a closed socket", exc_info=True)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import msgpack
+
 # Error codes sent in {"type": "error", "code": ...}.
 BAD_JSON = "bad_json"
 BAD_FRAME = "bad_frame"
@@ -44,6 +46,8 @@ EVENT_REVOKE = "chat.revoke"
 EVENT_RECHECK = "chat.recheck"
 
 MAX_CLIENT_ID_LENGTH = 64
+# Opt-in binary encoding (Sec-WebSocket-Protocol); without it frames are JSON text.
+SUBPROTOCOL_MSGPACK = "chat.v1.msgpack"
 # A message frame without its text, worst case: a 150-character username and a 64-character
 # client_id of escaped control characters (6 bytes each), the room slug, ids and dates.
 MESSAGE_OVERHEAD_BYTES = 2048
@@ -212,6 +216,22 @@ def parse_client_text(text: str, limits: Limits) -> list[ClientFrame | FrameErro
         decoded = json.loads(text)
     except (ValueError, RecursionError):
         raise ProtocolError(BAD_JSON, "The message is not valid JSON.") from None
+    return _parse_decoded(decoded, limits)
+
+
+def parse_client_msgpack(data: bytes, limits: Limits) -> list[ClientFrame | FrameError]:
+    """Decode one binary message of the MessagePack subprotocol into frames."""
+    if len(data) > limits.max_frame_bytes:
+        raise ProtocolError(TOO_LARGE, f"Messages are limited to {limits.max_frame_bytes} bytes.")
+    try:
+        # raw=False: strings must be valid UTF-8; map keys must be strings or numbers.
+        decoded = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises several types (ExtraData, ValueError, ...)
+        raise ProtocolError(BAD_JSON, "The message is not valid MessagePack.") from None
+    return _parse_decoded(decoded, limits)
+
+
+def _parse_decoded(decoded: Any, limits: Limits) -> list[ClientFrame | FrameError]:
     if isinstance(decoded, list):
         if not decoded:
             raise ProtocolError(BAD_FRAME, "An array of frames must not be empty.")
@@ -377,12 +397,22 @@ def text_within(text: str, max_bytes: int) -> str:
     return text[:low]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Encoded:
-    """One frame encoded once for every recipient: its text and its size in UTF-8 bytes."""
+    """One frame encoded once for every recipient: its text and its size in UTF-8 bytes.
+
+    Its MessagePack form (the ``chat.v1.msgpack`` subprotocol) is made on first use and kept,
+    so each frame is encoded at most once per format, whatever the number of recipients.
+    """
 
     text: str
     size: int
+    _msgpack: bytes | None = None
+
+    def msgpack(self) -> bytes:
+        if self._msgpack is None:
+            self._msgpack = msgpack.packb(json.loads(self.text), use_bin_type=True)
+        return self._msgpack
 
     @classmethod
     def of(cls, frame: dict[str, Any]) -> Encoded:
@@ -423,6 +453,41 @@ def pack(frames: Sequence[Encoded], budget_bytes: int) -> list[str]:
 
 def _join(texts: list[str]) -> str:
     return texts[0] if len(texts) == 1 else "[" + ",".join(texts) + "]"
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+# The largest MessagePack array header (0xdd and a 32-bit count).
+_MAX_ARRAY_HEADER_BYTES = 5
+
+
+def pack_msgpack(frames: Sequence[Encoded], budget_bytes: int) -> list[bytes]:
+    """``pack`` for the MessagePack subprotocol: one map, or an array of maps, per message."""
+    messages: list[bytes] = []
+    group: list[bytes] = []
+    size = _MAX_ARRAY_HEADER_BYTES
+    for frame in frames:
+        data = frame.msgpack()
+        if len(data) + _MAX_ARRAY_HEADER_BYTES > budget_bytes:
+            raise FrameTooLarge(f"A {len(data)}-byte frame exceeds {budget_bytes} bytes.")
+        if group and size + len(data) > budget_bytes:
+            messages.append(_join_msgpack(group))
+            group, size = [], _MAX_ARRAY_HEADER_BYTES
+        group.append(data)
+        size += len(data)
+    if group:
+        messages.append(_join_msgpack(group))
+    return messages
+
+
+def _join_msgpack(items: list[bytes]) -> bytes:
+    return items[0] if len(items) == 1 else _array_header(len(items)) + b"".join(items)
 
 
 def presence_state_frames(users: Sequence[PresenceLike], budget_bytes: int) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from chat.presence import (
 )
 from chat.presence_hub import PresenceHub
 from chat.presence_stores.memory import MemoryPresenceStore
+from chat.protocol import Encoded
 
 
 def entry(conn: str, uid: int, name: str, expires: float = 100.0) -> Entry:
@@ -126,8 +127,8 @@ class Socket:
     def __init__(self) -> None:
         self.frames: list[str] = []
 
-    async def send(self, text: str) -> None:
-        self.frames.append(text)
+    async def send(self, enc: Encoded) -> None:
+        self.frames.append(enc.text)
 
 
 def make_hub(store: Any, layer: Any, clock: FakeClock, timeout: float = 60) -> PresenceHub:

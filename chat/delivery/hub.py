@@ -37,6 +37,7 @@ from realtime_kit.metrics import metrics
 from .. import protocol
 from ..protocol import Encoded
 from ..ratelimit import SlidingWindow
+from .writers import Packed
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +72,13 @@ class Member(Protocol):
     session_key: str
     last_sent: int
     live: bool
+    # Frames as MessagePack (the chat.v1.msgpack subprotocol) instead of JSON text.
+    msgpack: bool
 
     def deliver(self, messages: list[Packed], last_seq: int | None) -> None: ...
     def congested(self) -> bool: ...
     def backlog_bytes(self) -> int: ...
     def revoke(self, code: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Packed:
-    """One WebSocket message, as text (ASGI) and UTF-8 bytes (daphne's transport)."""
-
-    text: str
-    data: bytes
-
-    @classmethod
-    def of(cls, text: str) -> Packed:
-        return cls(text, text.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -470,14 +461,16 @@ class RoomHub:
         excluded = {i.exclude_user for i in items if i.exclude_user is not None}
         origins = {i.origin for i in items if i.origin is not None}
         has_ephemeral = any(i.ephemeral for i in items)
-        common: list[Packed] | None = None
+        # The batch packed once per format, for every socket that gets all of it.
+        common: dict[bool, list[Packed]] = {}
         fast_deliveries = 0
+        fast_bytes = 0
         for member in list(room.members.values()):
             own = direct.get(member.conn_id)
             if not member.live:
                 # Catching up from the database (a resume): only its own answers (acks).
                 if own:
-                    member.deliver(self.pack(own), None)
+                    member.deliver(self.pack(own, member.msgpack), None)
                 continue
             congested = has_ephemeral and member.congested()
             if (
@@ -490,10 +483,14 @@ class RoomHub:
             ):
                 if not items:
                     continue
-                if common is None:
-                    common = self.pack([i.enc for i in items])
-                member.deliver(common, last_seq)
+                packed = common.get(member.msgpack)
+                if packed is None:
+                    packed = common[member.msgpack] = self.pack(
+                        [i.enc for i in items], member.msgpack
+                    )
+                member.deliver(packed, last_seq)
                 fast_deliveries += 1
+                fast_bytes += sum(len(p.data) for p in packed)
                 continue
             chosen = [
                 i
@@ -513,9 +510,9 @@ class RoomHub:
             # Counted once per flush, not per socket (the slow path counts its own).
             m = metrics()
             m.batch_frames.observe(len(items))
-            if fast_deliveries and common is not None:
+            if fast_deliveries:
                 m.frames_delivered.inc(len(items) * fast_deliveries)
-                m.bytes_delivered.inc(sum(len(p.data) for p in common) * fast_deliveries)
+                m.bytes_delivered.inc(fast_bytes)
 
     def _deliver_own(
         self,
@@ -544,13 +541,16 @@ class RoomHub:
             if item.seq is not None:
                 last_seq = item.seq
         if frames:
-            packed = self.pack(frames)
+            packed = self.pack(frames, member.msgpack)
             member.deliver(packed, last_seq)
             m = metrics()
             m.frames_delivered.inc(len(frames))
             m.bytes_delivered.inc(sum(len(p.data) for p in packed))
 
-    def pack(self, frames: list[Encoded]) -> list[Packed]:
+    def pack(self, frames: list[Encoded], binary: bool = False) -> list[Packed]:
+        """Frames as WebSocket messages within the budget: JSON text, or MessagePack."""
+        if binary:
+            return [Packed.of_binary(d) for d in protocol.pack_msgpack(frames, self.budget_bytes)]
         return [Packed.of(text) for text in protocol.pack(frames, self.budget_bytes)]
 
     # --- revocation ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,30 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 DRAIN_POLL_SECONDS = 0.01
 
 
+@dataclass(frozen=True)
+class Packed:
+    """One WebSocket message: text (JSON) or binary (MessagePack). ``data`` is what goes on
+    the wire (UTF-8 for text): encoded once per batch for every socket that gets it."""
+
+    text: str
+    data: bytes
+    binary: bool = False
+
+    @classmethod
+    def of(cls, text: str) -> Packed:
+        return cls(text, text.encode("utf-8"))
+
+    @classmethod
+    def of_binary(cls, data: bytes) -> Packed:
+        return cls("", data, binary=True)
+
+
 class Writer:
     """Base: ``write`` never blocks and never raises for a socket that went away."""
 
     closed = False
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, message: Packed) -> None:
         raise NotImplementedError
 
     def backlog_bytes(self) -> int:
@@ -95,9 +114,9 @@ class DaphneWriter(Writer):
     def open(self) -> bool:
         return not self.closed and self.protocol.state == self.protocol.STATE_OPEN
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, message: Packed) -> None:
         if self.open:
-            self.protocol.sendMessage(data, False)
+            self.protocol.sendMessage(message.data, message.binary)
 
     def backlog_bytes(self) -> int:
         transport = getattr(self.protocol, "transport", None)
@@ -124,15 +143,15 @@ class DaphneWriter(Writer):
 class AsgiWriter(Writer):
     def __init__(self, send: Send) -> None:
         self._send = send
-        self._queue: deque[tuple[str, int]] = deque()
+        self._queue: deque[Packed] = deque()
         self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, message: Packed) -> None:
         if self.closed:
             return
-        self._queue.append((text, len(data)))
-        self._queued_bytes += len(data)
+        self._queue.append(message)
+        self._queued_bytes += len(message.data)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
@@ -142,9 +161,14 @@ class AsgiWriter(Writer):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                text, size = self._queue[0]
+                message = self._queue[0]
+                event: dict[str, Any] = {"type": "websocket.send"}
+                if message.binary:
+                    event["bytes"] = message.data
+                else:
+                    event["text"] = message.text
                 try:
-                    await self._send({"type": "websocket.send", "text": text})
+                    await self._send(event)
                 except Exception:
                     # The socket is gone (the server raises on send after a disconnect).
                     logger.debug("Dropping frames to a closed socket", exc_info=True)
@@ -153,7 +177,7 @@ class AsgiWriter(Writer):
                     return
                 if self._queue:
                     self._queue.popleft()
-                    self._queued_bytes -= size
+                    self._queued_bytes -= len(message.data)
         finally:
             self._task = None
 
