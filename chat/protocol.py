@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import msgpack
+import orjson
 
 # Error codes sent in {"type": "error", "code": ...}.
 BAD_JSON = "bad_json"
@@ -374,13 +375,17 @@ def read_state_frame(reads: list[tuple[int, str, int]]) -> dict[str, Any]:
 
 
 def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:
-    """Serialise one frame, or a batch of frames, to the text of one WebSocket message."""
-    return json.dumps(frames, ensure_ascii=False, separators=(",", ":"))
+    """Serialise one frame, or a batch of frames, to the text of one WebSocket message.
+
+    orjson, chosen on evidence (bench/encoding.py): 10-17x faster than the stdlib for our
+    frames, same compact output (UTF-8 kept as is, minimal escapes).
+    """
+    return orjson.dumps(frames).decode("utf-8")
 
 
 def encoded_text_bytes(text: str) -> int:
     """Bytes ``text`` takes inside an encoded frame: UTF-8, JSON escapes, without quotes."""
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+    return len(orjson.dumps(text)) - 2
 
 
 def text_within(text: str, max_bytes: int) -> str:
