@@ -97,6 +97,7 @@
   let fatal = false; // the server said not to come back
   let everConnected = false;
   let attempt = 0; // reconnects since the last hello: drives the backoff
+  let lastCloseNotice = null; // why the last session ended, until the next one starts
   let sessions = 0;
   let state = "connecting";
   let lastFrameAt = 0;
@@ -268,9 +269,12 @@
   function scheduleReconnect(notice) {
     if (fatal) return;
     setState(navigator.onLine === false ? "offline" : "reconnecting");
+    // A restart notice stays while the attempts fail (the server is still down), until a
+    // session starts again: "connection lost" would hide why.
+    if (notice) lastCloseNotice = notice;
     if (everConnected) {
       showNotice(
-        notice || "Connection lost. Reconnecting; what you write is kept and sent then.",
+        lastCloseNotice || "Connection lost. Reconnecting; what you write is kept and sent then.",
         "connection"
       );
     }
@@ -392,6 +396,7 @@
     sessions += 1;
     everConnected = true;
     attempt = 0;
+    lastCloseNotice = null;
     clearTimeout(timers.handshake);
     setState("connected");
     hideNotice("connection");
