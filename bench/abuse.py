@@ -78,6 +78,9 @@ class Sample:
     seconds: float
     rss_bytes: int
     cpu_seconds: float
+    # In the kernel's send queues of the server's sockets: memory the server holds for its
+    # clients that RSS does not show (up to tcp_wmem's maximum, 4 MiB here, per socket).
+    queued_bytes: int
 
 
 class Sampler(threading.Thread):
@@ -98,6 +101,7 @@ class Sampler(threading.Thread):
             time.monotonic() - self.start_time,
             self.server.rss_bytes(),
             self.server.cpu_seconds(),
+            kernel_send_queue_bytes(self.server.port),
         )
         self.samples.append(reading)
         if reading.rss_bytes - self.base > self.cap_bytes:
@@ -293,7 +297,6 @@ async def run_scenario(name: str, server: Server, cookies: dict[str, str], args:
     while time.monotonic() < deadline and not sampler.capped.is_set():
         await asyncio.sleep(0.1)
     left_at = time.monotonic() - sampler.start_time
-    send_queue = kernel_send_queue_bytes(server.port)
     scenario.stop.set()
     await probe
     for task in tasks:
@@ -305,20 +308,18 @@ async def run_scenario(name: str, server: Server, cookies: dict[str, str], args:
     sampler.join()
     final = sampler.sample()
     await probe_ws.close()
-    result = summarize_run(sampler, scenario.tally, left_at, final, sampler.capped.is_set())
-    result["kernel_send_queue_mb"] = send_queue / harness.MB if send_queue is not None else None
-    return result
+    return summarize_run(sampler, scenario.tally, left_at, final, sampler.capped.is_set())
 
 
-def kernel_send_queue_bytes(port: int) -> int | None:
-    """Bytes the kernel holds in the send queues of the server's connections (not in RSS)."""
+def kernel_send_queue_bytes(port: int) -> int:
+    """Bytes in the kernel's send queues of the server's connections (0 without ``ss``)."""
     try:
         out = subprocess.run(
             ["ss", "-tnH", "state", "established", "sport", "=", f":{port}"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return None
+        return 0
     return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
 
 
@@ -332,12 +333,16 @@ def summarize_run(
     next_mark = 0.0
     for s in sampler.samples:
         if s.seconds >= next_mark:
-            timeline.append((s.seconds, (s.rss_bytes - base) / harness.MB, s.seconds > left_at))
+            rss_mb, queued_mb = (s.rss_bytes - base) / harness.MB, s.queued_bytes / harness.MB
+            timeline.append((s.seconds, rss_mb, queued_mb, s.seconds > left_at))
             next_mark = int(s.seconds) + 1.0
     rtts = tally.ping_rtts_ms
     return {
         "peak_mb": max((s.rss_bytes - base) for s in sampler.samples) / harness.MB,
+        "peak_held_mb": max(s.rss_bytes - base + s.queued_bytes for s in sampler.samples)
+        / harness.MB,
         "end_mb": (final.rss_bytes - base) / harness.MB,
+        "end_held_mb": (final.rss_bytes - base + final.queued_bytes) / harness.MB,
         "base_mb": base / harness.MB,
         "cpu_during_s": at_leave.cpu_seconds - sampler.samples[0].cpu_seconds,
         "cpu_after_s": final.cpu_seconds - at_leave.cpu_seconds,
@@ -386,10 +391,13 @@ def run_once(name: str, prepared: Prepared, tmp: Path, run_id: int, args: Any) -
 
 
 def describe(name: str, label: str, r: dict[str, Any]) -> str:
-    marks = " ".join(
-        f"{'|' if after and i and not r['timeline'][i - 1][2] else ''}{t:.0f}s:{mb:+.0f}"
-        for i, (t, mb, after) in enumerate(r["timeline"])
-    )
+    def over_time(column: int) -> str:
+        rows = r["timeline"]
+        return " ".join(
+            f"{'|' if row[3] and i and not rows[i - 1][3] else ''}{row[0]:.0f}s:{row[column]:+.0f}"
+            for i, row in enumerate(rows)
+        )
+
     closed = sum(r["close_codes"].values())
     returned = 100 * (r["peak_mb"] - r["end_mb"]) / r["peak_mb"] if r["peak_mb"] > 0 else 0.0
     parts = [
@@ -397,10 +405,8 @@ def describe(name: str, label: str, r: dict[str, Any]) -> str:
         + (" (CAPPED)" if r["capped"] else ""),
         f"{r['after_seconds']:g} s after leaving {r['end_mb']:+.1f} MB "
         f"({returned:.0f} % of the peak returned)",
-    ]
-    if r["kernel_send_queue_mb"] is not None:
-        parts.append(f"kernel send queues when they left {r['kernel_send_queue_mb']:.1f} MB")
-    parts += [
+        f"held (RSS growth + kernel send queues) peak {r['peak_held_mb']:+.1f} MB, "
+        f"after leaving {r['end_held_mb']:+.1f} MB",
         f"server CPU {r['cpu_during_s']:.1f} s during, {r['cpu_after_s']:.1f} s after",
         f"abusers sent {r['sent_messages']} messages ({r['sent_mb']:.1f} MB)",
         f"closed by server {closed} (codes {r['close_codes']}, first after "
@@ -410,36 +416,36 @@ def describe(name: str, label: str, r: dict[str, Any]) -> str:
         f"probe ping p50 {r['probe_p50_ms']:.1f} ms p99 {r['probe_p99_ms']:.1f} ms max "
         f"{r['probe_max_ms']:.1f} ms, {r['probe_unanswered']} unanswered",
     ]
-    return "; ".join(parts) + f"\n        RSS growth over time (MB, | = abusers left) {marks}"
+    return (
+        "; ".join(parts)
+        + f"\n        RSS growth (MB, | = abusers left)   {over_time(1)}"
+        + f"\n        kernel send queues (MB)            {over_time(2)}"
+    )
 
 
 def summarize(results: dict[tuple[str, str], list[dict]], labels: list[str]) -> None:
     med = harness.median
-    print("\nmedians over repetitions (growth over the RSS before the abuse)")
+    keys = ("peak_mb", "end_mb", "peak_held_mb", "end_held_mb", "probe_p99_ms")
+    print("\nmedians over repetitions (MB over the server's RSS before the abuse)")
+    print(
+        f"{'':26s} {'RSS peak':>9s} {'RSS after':>9s} {'held peak':>9s} {'held after':>10s}"
+        f" {'probe p99 ms':>12s}"
+    )
     for name in dict.fromkeys(n for n, _ in results):
         rows = {}
         for label in labels:
             runs = results[(name, label)]
-            rows[label] = (
-                med([r["peak_mb"] for r in runs]),
-                med([r["end_mb"] for r in runs]),
-                med([r["probe_p99_ms"] for r in runs]),
-            )
-            peak, end, p99 = rows[label]
+            rows[label] = [med([r[key] for r in runs]) for key in keys]
+            peak, end, held, held_end, p99 = rows[label]
             print(
-                f"{name:7s} {label:18s} peak {peak:+8.1f} MB  after leaving {end:+8.1f} MB  "
-                f"probe ping p99 {p99:8.1f} ms"
+                f"{name:7s} {label:18s} {peak:+9.1f} {end:+9.1f} {held:+9.1f} {held_end:+10.1f}"
+                f" {p99:12.1f}"
             )
         if len(labels) == 2:
-            (cur_peak, cur_end, cur_p99), (base_peak, base_end, base_p99) = (
-                rows[labels[0]],
-                rows[labels[1]],
-            )
-            print(
-                f"ratio {name} {labels[0]}/{labels[1]}: peak growth "
-                f"{harness.ratio(cur_peak, base_peak)}, after leaving "
-                f"{harness.ratio(cur_end, base_end)}, probe p99 {harness.ratio(cur_p99, base_p99)}"
-            )
+            widths = (9, 9, 9, 10, 12)
+            pairs = zip(rows[labels[0]], rows[labels[1]], widths, strict=True)
+            ratios = " ".join(f"{harness.ratio(a, b).strip():>{w}s}" for a, b, w in pairs)
+            print(f"{name:7s} {'ratio ' + labels[0] + '/baseline':18s} {ratios}")
 
 
 def main() -> None:
@@ -457,6 +463,7 @@ def main() -> None:
     parser.add_argument("--resume-interval", type=float, default=0.5, help="seconds")
     parser.add_argument("--rss-cap-mb", type=int, default=2048, help="stop a run past this")
     args = parser.parse_args()
+    harness.exit_on_sigterm()
     if args.quick:
         args.seconds, args.after_seconds, args.history, args.reps = 2.5, 1.5, 300, 1
     names = [n for n in args.scenarios.split(",") if n]

@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import shlex
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -212,6 +213,16 @@ def rss_bytes(pid: int) -> int:
         with contextlib.suppress(OSError, IndexError, ValueError):
             total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * PAGE_BYTES
     return total
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a CI runner) into SystemExit, so servers and the baseline
+    worktree are cleaned up as on Ctrl-C instead of being left running."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def raise_nofile(wanted: int) -> int:
