@@ -9,7 +9,8 @@ Scenarios (10 abusive clients each, ``--clients``), one room per scenario:
 - ``resume``: each client sends ``[{"type":"resume","after":0}] x 50`` every
   ``--resume-interval`` seconds into a room with ``--history`` stored messages, and never reads.
 - ``stall``:  each client sits in a busy room without reading while ``--posters`` sockets post
-  3,500-character messages (each keeping 10 in flight; rate limit off for them).
+  3,500-character messages of 4-byte characters (14 KB each on the wire; each poster keeps
+  10 in flight; rate limit off for them), so the kernel's buffers fill within seconds.
 
 In every scenario a ``probe`` socket in the same room reads everything and pings every 0.25 s:
 its ping round trips show what the abuse does to an ordinary client. The abusers leave after
@@ -23,7 +24,7 @@ the project at ``--baseline-ref`` (default today's main), checked out in a tempo
 ``git worktree`` and served by the same command; runs alternate between the two trees.
 
     .venv/bin/python -m bench.abuse [--quick] [--scenarios flood,resume,stall]
-        [--baseline-ref 6a7fcbc | --no-baseline] [--seconds 8] [--after-seconds 5] [--reps 1]
+        [--baseline-ref 6a7fcbc | --no-baseline] [--seconds 6] [--after-seconds 4] [--reps 2]
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ FLOOD_FRAMES_PER_MESSAGE = 50
 FLOOD_TEXT_CHARS = 1200
 RESUMES_PER_MESSAGE = 50
 STALL_TEXT_CHARS = 3500
+# A 4-byte UTF-8 character: the frames are big on the wire while the text stays under
+# CHAT_MAX_TEXT_LENGTH (4,000 characters), and the stall shows within a short run.
+STALL_CHARACTER = "\U0001f600"
 NON_READER_RCVBUF_BYTES = 4096
 POSTER_WINDOW = 10
 PROBE_PING_INTERVAL_SECONDS = 0.25
@@ -226,7 +230,7 @@ class Scenario:
                             window.release()
 
         reader = asyncio.create_task(read())
-        body = "y" * STALL_TEXT_CHARS
+        body = STALL_CHARACTER * STALL_TEXT_CHARS
         k = 0
         with contextlib.suppress(ConnectionClosed):
             while not self.stop.is_set():
@@ -445,7 +449,7 @@ def summarize(results: dict[tuple[str, str], list[dict]], labels: list[str]) -> 
             widths = (9, 9, 9, 10, 12)
             pairs = zip(rows[labels[0]], rows[labels[1]], widths, strict=True)
             ratios = " ".join(f"{harness.ratio(a, b).strip():>{w}s}" for a, b, w in pairs)
-            print(f"{name:7s} {'ratio ' + labels[0] + '/baseline':18s} {ratios}")
+            print(f"{name:7s} {'ratio cur/base':18s} {ratios}")
 
 
 def main() -> None:

@@ -250,7 +250,7 @@ def summarize(variants: list[Variant], counts: dict[str, int]) -> None:
         )
     for v in variants:
         bare = per_conn.get(f"bare {v.kind}", float("nan"))
-        if not v.name.startswith("bare"):
+        if f"bare {v.kind}" in per_conn and not v.name.startswith("bare"):
             change = harness.ratio(per_conn[v.name], bare)
             print(f"ratio {v.name}/bare {v.kind} memory per connection: {change}")
     for v in variants:

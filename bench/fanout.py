@@ -26,7 +26,7 @@ around a phase, divided by the message frames delivered to all sockets of the ro
 publishers receive every message too). Latency is send -> receive at the subscribers. The
 client's own CPU is printed next to it: near 100 % of one core, the client limits throughput.
 
-    .venv/bin/python -m bench.fanout [--quick] [--reps 3] [--messages 200]
+    .venv/bin/python -m bench.fanout [--quick] [--reps 3] [--messages 100]
         [--baseline-ref 6a7fcbc]
 """
 
