@@ -366,14 +366,6 @@ def read_frame(user_id: int, username: str, seq: int) -> dict[str, Any]:
     return {"type": "read", "user": {"id": user_id, "username": username}, "seq": seq}
 
 
-def read_state_frame(reads: list[tuple[int, str, int]]) -> dict[str, Any]:
-    """Last read seq of the room's readers: (user id, username, seq) tuples."""
-    return {
-        "type": "read_state",
-        "reads": [{"user": {"id": uid, "username": name}, "seq": seq} for uid, name, seq in reads],
-    }
-
-
 def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:
     """Serialise one frame, or a batch of frames, to the text of one WebSocket message.
 

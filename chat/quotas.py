@@ -55,11 +55,7 @@ UNAVAILABLE_RETRY_AFTER_SECONDS = 5.0
 
 
 def _store() -> StoreConfig:
-    return StoreConfig(
-        url=app_settings.REDIS_URL,
-        key_prefix=app_settings.REDIS_KEY_PREFIX,
-        lease_ttl_seconds=app_settings.LEASE_TTL_SECONDS,
-    )
+    return StoreConfig.from_settings(app_settings)
 
 
 sockets = UserLimit(

@@ -15,11 +15,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
+# Keys (users) kept at most; past it, keys whose events all expired are swept at once.
+MAX_KEYS = 10_000
+
 
 class SlidingWindow:
-    def __init__(self, limit: int, window_seconds: float) -> None:
+    def __init__(self, limit: int, window_seconds: float, max_keys: int = MAX_KEYS) -> None:
         self.limit = limit
         self.window_seconds = window_seconds
+        self.max_keys = max_keys
         # key -> (time, tag) of recorded events, oldest first; at most ``limit`` per key.
         self._events: dict[Hashable, deque[tuple[float, str]]] = {}
 
@@ -52,8 +56,18 @@ class SlidingWindow:
     def record(self, key: Hashable, now: float, tag: str = "") -> None:
         events = self._live(key, now)
         if events is None:
+            if len(self._events) >= self.max_keys:
+                self._sweep(now)
             events = self._events[key] = deque(maxlen=max(self.limit, 1))
         events.append((now, tag))
+
+    def _sweep(self, now: float) -> None:
+        """Forget keys with no event left in the window; if all are live, the oldest one."""
+        for key in list(self._events):
+            self._live(key, now)
+        if len(self._events) >= self.max_keys:
+            oldest = min(self._events, key=lambda k: self._events[k][-1][0])
+            del self._events[oldest]
 
     def __len__(self) -> int:
         return len(self._events)

@@ -40,11 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 def _store() -> StoreConfig:
-    return StoreConfig(
-        url=app_settings.REDIS_URL,
-        key_prefix=app_settings.REDIS_KEY_PREFIX,
-        lease_ttl_seconds=app_settings.LEASE_TTL_SECONDS,
-    )
+    return StoreConfig.from_settings(app_settings)
 
 
 streams_cap = UserLimit(

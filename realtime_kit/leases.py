@@ -53,6 +53,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .limit_stores import BaseLeaseStore, LeaseRef, StoreUnavailable, lease_store
 
@@ -79,6 +80,20 @@ class StoreConfig:
     url: str
     key_prefix: str
     lease_ttl_seconds: float = 30.0
+
+    @classmethod
+    def from_settings(cls, app_settings: Any) -> StoreConfig:
+        """From an app's settings object: its ``REDIS_URL``, ``REDIS_KEY_PREFIX`` and
+        ``LEASE_TTL_SECONDS`` (chat's and notifications' have all three)."""
+        return cls(
+            url=app_settings.REDIS_URL,
+            key_prefix=app_settings.REDIS_KEY_PREFIX,
+            lease_ttl_seconds=app_settings.LEASE_TTL_SECONDS,
+        )
+
+    def key(self, name: str, user_id: int) -> str:
+        """The store key of a per-user counter: the one place these names are made."""
+        return f"{self.key_prefix}:{name}:{user_id}"
 
 
 class LeaseKeeper:
@@ -291,8 +306,8 @@ class UserLimit:
         self.fail_open = fail_open
 
     def key(self, user_id: int) -> str:
-        """The store key of a user's leases: the one place their names are made."""
-        return f"{self._config().key_prefix}:{self.name}:{user_id}"
+        """The store key of a user's leases (``StoreConfig.key``)."""
+        return self._config().key(self.name, user_id)
 
     @property
     def limit(self) -> int:
@@ -305,7 +320,7 @@ class UserLimit:
         """
         config = self._config()
         store = lease_store(config.url)
-        key = self.key(user_id)
+        key = config.key(self.name, user_id)
         keeper = get_keeper()
         acquired = await keeper.acquire(
             store, key, holder_id, self._limit(), config.lease_ttl_seconds, fail_open=self.fail_open
@@ -314,8 +329,10 @@ class UserLimit:
 
     async def release(self, user_id: int, holder_id: str) -> None:
         """Release by name (prefer ``Lease.release``, which survives a settings change)."""
-        store = lease_store(self._config().url)
-        await get_keeper().release(store, self.key(user_id), holder_id)
+        config = self._config()
+        await get_keeper().release(
+            lease_store(config.url), config.key(self.name, user_id), holder_id
+        )
 
     def held_here(self, user_id: int | None = None) -> int:
         """Leases of this limit held by this process (of one user, or of everyone)."""
@@ -327,4 +344,5 @@ class UserLimit:
 
     async def count(self, user_id: int) -> int:
         """Live leases of the user, all processes together (raises ``StoreUnavailable``)."""
-        return await lease_store(self._config().url).count(self.key(user_id))
+        config = self._config()
+        return await lease_store(config.url).count(config.key(self.name, user_id))

@@ -47,7 +47,7 @@ class UserRate:
         self.fail_open = fail_open
 
     def key(self, user_id: int) -> str:
-        return f"{self._config().key_prefix}:{self.name}:{user_id}"
+        return self._config().key(self.name, user_id)
 
     async def hit(self, user_id: int) -> float:
         """Count one event of the user: 0.0 when allowed, else the seconds to wait.
@@ -55,10 +55,14 @@ class UserRate:
         A refused event does not count. When the store is unreachable: 0.0 if ``fail_open``,
         else ``StoreUnavailable``.
         """
-        store = rate_store(self._config().url)
+        config = self._config()
+        store = rate_store(config.url)
         try:
             return await store.hit(
-                self.key(user_id), uuid.uuid4().hex, self._limit(), self._window_seconds()
+                config.key(self.name, user_id),
+                uuid.uuid4().hex,
+                self._limit(),
+                self._window_seconds(),
             )
         except StoreUnavailable:
             if not self.fail_open:

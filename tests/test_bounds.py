@@ -164,3 +164,15 @@ async def test_presence_of_a_crowded_room_arrives_in_parts(settings: Any) -> Non
     assert names == {u.username for u in users}
     for client in [*present, late]:
         await client.close()
+
+
+def test_sliding_window_keeps_a_bounded_number_of_keys() -> None:
+    # One key per user who ever sent: a process serving many users must not keep them all.
+    window = SlidingWindow(2, 10.0, max_keys=100)
+    for user in range(1000):
+        window.record(user, float(user), "m")
+    assert len(window) <= 100
+    # Keys with events still in the window are kept while the bound allows.
+    assert window.full(999, 999.0, "other") is False
+    window.record(999, 999.0, "n")
+    assert window.full(999, 999.0, "other")

@@ -290,19 +290,8 @@ class RoomHub:
             wait.handle = None  # deliver anyway: the ack is late (or lost)
             self._release_wait(room, member)
 
-    def user_sockets(self, user_id: int) -> int:
-        return len(self.by_user.get(user_id, ()))
-
     def members(self) -> list[Member]:
         return [m for room in self.rooms.values() for m in room.members.values()]
-
-    def room_counts(self) -> dict[int, tuple[int, int]]:
-        """Room id → (sockets, distinct users) in this process."""
-        return {
-            room_id: (len(room.members), len({m.user_id for m in room.members.values()}))
-            for room_id, room in self.rooms.items()
-            if room.members
-        }
 
     # --- events from the channel layer ----------------------------------------------------
 
@@ -461,8 +450,8 @@ class RoomHub:
         excluded = {i.exclude_user for i in items if i.exclude_user is not None}
         origins = {i.origin for i in items if i.origin is not None}
         has_ephemeral = any(i.ephemeral for i in items)
-        # The batch packed once per format, for every socket that gets all of it.
-        common: dict[bool, list[Packed]] = {}
+        # The batch packed once per format (and its size), for every socket that gets all of it.
+        common: dict[bool, tuple[list[Packed], int]] = {}
         fast_deliveries = 0
         fast_bytes = 0
         for member in list(room.members.values()):
@@ -483,14 +472,13 @@ class RoomHub:
             ):
                 if not items:
                     continue
-                packed = common.get(member.msgpack)
-                if packed is None:
-                    packed = common[member.msgpack] = self.pack(
-                        [i.enc for i in items], member.msgpack
-                    )
-                member.deliver(packed, last_seq)
+                shared = common.get(member.msgpack)
+                if shared is None:
+                    packed = self.pack([i.enc for i in items], member.msgpack)
+                    shared = common[member.msgpack] = (packed, sum(len(p.data) for p in packed))
+                member.deliver(shared[0], last_seq)
                 fast_deliveries += 1
-                fast_bytes += sum(len(p.data) for p in packed)
+                fast_bytes += shared[1]
                 continue
             chosen = [
                 i

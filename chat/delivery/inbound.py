@@ -14,6 +14,7 @@ messages); for them ``bound_receive`` returns ``receive`` unchanged.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -36,6 +37,8 @@ class InboundGate:
         self.transport = transport
         self.high_bytes = high_bytes
         self.waiting_bytes = 0
+        # Sizes of the waiting messages, in the queue's own (FIFO) order: each is measured once.
+        self._sizes: deque[int] = deque()
         self.paused = False
         self._put_nowait = queue.put_nowait
         # Daphne calls queue.put_nowait for every client message: count it on the way in.
@@ -43,14 +46,16 @@ class InboundGate:
 
     def _counted_put(self, message: Message) -> None:
         self._put_nowait(message)
-        self.waiting_bytes += _size(message)
+        size = _size(message)
+        self._sizes.append(size)
+        self.waiting_bytes += size
         if not self.paused and self.waiting_bytes > self.high_bytes:
             self.paused = True
             self.transport.pauseProducing()
 
     async def receive(self) -> Message:
         message = await self.queue.get()
-        self.waiting_bytes = max(0, self.waiting_bytes - _size(message))
+        self.waiting_bytes -= self._sizes.popleft() if self._sizes else 0
         if self.paused and self.waiting_bytes <= self.high_bytes // 2:
             self.paused = False
             self.transport.resumeProducing()

@@ -42,15 +42,11 @@ def lease_store(url: str) -> BaseLeaseStore:
     """The lease store of ``url`` (one per URL and process)."""
     store = _lease_stores.get(url)
     if store is None:
-        if url:
-            from .redis import RedisLeaseStore
+        from . import memory, redis
 
-            store = RedisLeaseStore(url)
-        else:
-            from .memory import MemoryLeaseStore
-
-            store = MemoryLeaseStore()
-        _lease_stores[url] = store
+        store = _lease_stores[url] = (
+            redis.RedisLeaseStore(url) if url else memory.MemoryLeaseStore()
+        )
     return store
 
 
@@ -58,13 +54,7 @@ def rate_store(url: str) -> BaseRateStore:
     """The rate store of ``url`` (one per URL and process)."""
     store = _rate_stores.get(url)
     if store is None:
-        if url:
-            from .redis import RedisRateStore
+        from . import memory, redis
 
-            store = RedisRateStore(url)
-        else:
-            from .memory import MemoryRateStore
-
-            store = MemoryRateStore()
-        _rate_stores[url] = store
+        store = _rate_stores[url] = redis.RedisRateStore(url) if url else memory.MemoryRateStore()
     return store
