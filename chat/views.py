@@ -15,7 +15,14 @@ from . import protocol, services
 from .conf import app_settings
 from .export import RoomSnapshot, export_response, parse_format
 from .models import Room
-from .paging import BadParameter, apage_response, error_response, parse_int, parse_page_params
+from .paging import (
+    BadParameter,
+    apage_response,
+    error_response,
+    parse_int,
+    parse_page_params,
+    unavailable_on_database_error,
+)
 from .presence_hub import get_hub
 
 
@@ -54,6 +61,7 @@ async def _api_room(request: HttpRequest, slug: str) -> Room | HttpResponse:
 
 
 @require_GET
+@unavailable_on_database_error
 async def room_messages(request: HttpRequest, slug: str) -> HttpResponse:
     """One page of a room's history, older than ``before`` (docs/protocol.md)."""
     room = await _api_room(request, slug)
@@ -71,6 +79,7 @@ async def room_messages(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @require_GET
+@unavailable_on_database_error
 async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
     """Every message of a room up to now, streamed as NDJSON or CSV (docs/protocol.md)."""
     room = await _api_room(request, slug)
@@ -93,6 +102,7 @@ async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
 
 
 @require_GET
+@unavailable_on_database_error
 async def room_presence(request: HttpRequest, slug: str) -> HttpResponse:
     """The room's presence as JSON, in the shape of the ``presence_state`` frame."""
     room = await _api_room(request, slug)
