@@ -13,6 +13,7 @@ class ChatConfig(AppConfig):
 
         from . import (
             assistant,
+            assistant_runs,
             checks,  # noqa: F401  (registers system checks)
             signals,
         )
@@ -20,6 +21,7 @@ class ChatConfig(AppConfig):
         signals.connect()
         # On a restart, running room replies are stored as interrupted and their end is
         # broadcast before the runner closes the sockets.
+        drain.on_drain(assistant_runs.stop_sweeper)  # a dying process takes over nothing
         drain.on_drain(assistant.interrupt_replies)
         drain.on_drain(_stop_counting)
 

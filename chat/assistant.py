@@ -42,7 +42,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, IntegrityError
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models.functions import Left
 from django.utils import timezone
 
@@ -51,7 +51,7 @@ from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
 from . import assistant_protocol as ap
-from . import protocol, quotas, services
+from . import assistant_runs, protocol, quotas, services
 from .conf import app_settings
 from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
 from .models import Message, Room
@@ -116,6 +116,8 @@ class Reply:
     stop_requested: bool = False
     lease: Lease | None = None  # the requester's place among their running replies
     stop_status: str = ap.STOPPED  # the status a stop stores: stopped, or interrupted
+    # Another process ended it (we looked dead to it): store nothing, broadcast nothing.
+    taken_over: bool = False
     task: asyncio.Task[None] | None = None
     next_delta: asyncio.Task[Any] | None = None
 
@@ -317,6 +319,7 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
     control = await layer.new_channel("chat.assistant.")
     groups = [control_group(reply.room_id), stream_group(reply.stream_id)]
     listener: asyncio.Task[None] | None = None
+    heartbeat: asyncio.Task[None] | None = None
     try:
         for group in groups:
             await layer.group_add(group, control)
@@ -330,6 +333,7 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
             return
         reply.user = protocol.user_frame(assistant_user)
         reply.started = True
+        heartbeat = asyncio.create_task(_heartbeat(reply))
         await _broadcast(reply, reply.snapshot_frame())
         status, failure = await _pump(reply, backend, context)
         await _flush(reply)
@@ -338,14 +342,39 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
         # Nothing else awaits this task: log here (backend errors never carry the key).
         logger.exception("Assistant reply %s in room %s failed", reply.stream_id, reply.room_slug)
     finally:
-        if listener is not None:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+        for task in (heartbeat, listener):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        try:
+            # Usually deleted with the stored reply already; this covers every other end.
+            await assistant_runs.aclose_run(reply.stream_id)
+        except DatabaseError:
+            # Left behind, it is taken over by a sweeper and ends as interrupted.
+            logger.warning("Forgetting assistant run %s failed", reply.stream_id, exc_info=True)
         for group in groups:
             try:
                 await layer.group_discard(group, control)
             except Exception:
                 logger.exception("Leaving %s failed", group)
+
+
+async def _heartbeat(reply: Reply) -> None:
+    """Record the text so far every CHAT_ASSISTANT_HEARTBEAT_SECONDS (assistant_runs)."""
+    interval = app_settings.ASSISTANT_HEARTBEAT_SECONDS
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            ours = await assistant_runs.acheckpoint(reply.stream_id, reply.text)
+        except DatabaseError:
+            logger.warning("Recording assistant reply %s failed", reply.stream_id, exc_info=True)
+            continue
+        if not ours:
+            # A sweeper took it for dead (we were slower than CHAT_ASSISTANT_TAKEOVER_SECONDS)
+            # and ended it as interrupted: stop reading the model.
+            reply.taken_over = True
+            reply.request_stop(ap.INTERRUPTED)
+            return
 
 
 async def _pump(
@@ -430,6 +459,8 @@ async def _flush(reply: Reply) -> None:
 async def _finish(
     reply: Reply, assistant_user: User, status: str, failure: LLMError | None
 ) -> None:
+    if reply.taken_over:
+        return
     seq = None
     if reply.text:
         stored_status = "" if status == ap.DONE else status
@@ -512,6 +543,8 @@ def _load_context(reply: Reply) -> tuple[User, list[ChatMessage]]:
     history.reverse()
     prompt = app_settings.ASSISTANT_SYSTEM_PROMPT
     system = [ChatMessage(role="system", content=prompt)] if prompt else []
+    # Last: from here on a process dying mid-reply leaves a run that another one ends.
+    assistant_runs.open_run(reply.stream_id, reply.room_id, reply.request_seq)
     return assistant, system + history
 
 
@@ -534,7 +567,16 @@ def assistant_user() -> User:
 
 @database_sync_to_async
 def _store(reply: Reply, user: User, status: str) -> int:
-    result = services.post_message(
-        reply.room_id, user, reply.text, client_id=reply.stream_id, status=status, check_rate=False
-    )
+    # One transaction: once the reply is stored no sweeper can find its run (and store the
+    # reply a second time as interrupted).
+    with transaction.atomic():
+        result = services.post_message(
+            reply.room_id,
+            user,
+            reply.text,
+            client_id=reply.stream_id,
+            status=status,
+            check_rate=False,
+        )
+        assistant_runs.close_run(reply.stream_id)
     return result.message.seq

@@ -34,10 +34,23 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_MAX_INBOUND_BYTES": app_settings.MAX_INBOUND_BYTES,
         "CHAT_LEASE_TTL_SECONDS": app_settings.LEASE_TTL_SECONDS,
         "CHAT_MAX_SOCKETS_PER_USER": app_settings.MAX_SOCKETS_PER_USER,
+        "CHAT_ASSISTANT_HEARTBEAT_SECONDS": app_settings.ASSISTANT_HEARTBEAT_SECONDS,
+        "CHAT_ASSISTANT_TAKEOVER_SECONDS": app_settings.ASSISTANT_TAKEOVER_SECONDS,
     }
     for name, value in positive.items():
         if value <= 0:
             errors.append(Error(f"{name} must be positive, got {value}.", id="chat.E001"))
+    heartbeat = app_settings.ASSISTANT_HEARTBEAT_SECONDS
+    if 0 < heartbeat and app_settings.ASSISTANT_TAKEOVER_SECONDS < 3 * heartbeat:
+        errors.append(
+            Error(
+                "CHAT_ASSISTANT_TAKEOVER_SECONDS must be at least 3 x "
+                f"CHAT_ASSISTANT_HEARTBEAT_SECONDS ({3 * heartbeat:g} s).",
+                hint="Otherwise a reply whose process is alive but slowed down (a database "
+                "hiccup) is taken over and ended as interrupted while it still runs.",
+                id="chat.E020",
+            )
+        )
     if not getattr(settings, "CHANNEL_LAYERS", None):
         errors.append(
             Error(

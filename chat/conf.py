@@ -276,6 +276,18 @@ class ChatSettings:
         return float(self._get("ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS", 60.0))
 
     @property
+    def ASSISTANT_HEARTBEAT_SECONDS(self) -> float:
+        """How often a running room reply records its text so far and that its process is
+        alive (one UPDATE per reply), in seconds."""
+        return float(self._get("ASSISTANT_HEARTBEAT_SECONDS", 1.0))
+
+    @property
+    def ASSISTANT_TAKEOVER_SECONDS(self) -> float:
+        """A running room reply whose process has not recorded it for this long (the process
+        died) is stored as ``interrupted`` by another process, in seconds."""
+        return float(self._get("ASSISTANT_TAKEOVER_SECONDS", 5.0))
+
+    @property
     def ASSISTANT_DEMO_DELAY_SECONDS(self) -> float:
         """Pause before each token of the offline demo backend, in seconds."""
         return float(self._get("ASSISTANT_DEMO_DELAY_SECONDS", 0.03))

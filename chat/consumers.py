@@ -34,7 +34,7 @@ from django.db import DatabaseError
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant, protocol, quotas, services
+from . import assistant, assistant_runs, protocol, quotas, services
 from .conf import app_settings
 from .delivery import inbound, writers
 from .delivery.hub import Detached, RoomHub, get_room_hub
@@ -159,6 +159,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None) or ""
         self.hub = get_room_hub()
+        # This process ends the room replies of processes that died (chat/assistant_runs.py).
+        assistant_runs.ensure_sweeper()
         # Cluster-wide with CHAT_REDIS_URL (leases expire if this process dies).
         self.socket_lease = await quotas.sockets.acquire(self.user_id, self.conn_id)
         if self.socket_lease is None:

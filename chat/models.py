@@ -95,3 +95,24 @@ class ReadMarker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} read {self.room} to #{self.last_read_seq}"
+
+
+class AssistantRun(models.Model):
+    """A room reply of the assistant while it streams, recorded so that it survives the death
+    of the process streaming it: that process refreshes ``heartbeat_at`` and ``text`` every
+    ``CHAT_ASSISTANT_HEARTBEAT_SECONDS``; once the heartbeat is ``CHAT_ASSISTANT_TAKEOVER_SECONDS``
+    old another process stores ``text`` as an interrupted reply and ends the stream
+    (chat/assistant_runs.py). The row is deleted when the reply ends."""
+
+    stream_id = models.CharField(max_length=64, unique=True)
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")
+    request_seq = models.PositiveBigIntegerField()
+    # Which process streams it (a random token per process), so that a process whose run was
+    # taken over while it was only slow notices on its next heartbeat and stops.
+    owner = models.CharField(max_length=32)
+    text = models.TextField(blank=True, default="")
+    heartbeat_at = models.DateTimeField(db_index=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.stream_id

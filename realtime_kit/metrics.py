@@ -70,6 +70,11 @@ class Metrics:
             "Pieces of assistant text received from the model.",
             ["kind"],
         )
+        self.event_loop_tasks = gauge(
+            "realtime_event_loop_tasks",
+            "Tasks of the server's event loop when /metrics was last read (a leak shows as "
+            "growth at rest).",
+        )
         self.sse_streams_open = gauge("notifications_streams_open", "Open notification streams.")
         self.notifications_delivered = Counter(
             "notifications_delivered", "Notification events written to SSE streams."
@@ -106,6 +111,16 @@ def mark_process_dead() -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())
+
+
+async def ametrics_response(request: HttpRequest, token: str) -> HttpResponse:
+    """``metrics_response`` for an async view: first samples the event loop it runs on."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    metrics().event_loop_tasks.set(len(asyncio.all_tasks()))
+    return await sync_to_async(metrics_response)(request, token)
 
 
 def metrics_response(request: HttpRequest, token: str) -> HttpResponse:
