@@ -25,6 +25,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_RATE_LIMIT_MESSAGES": app_settings.RATE_LIMIT_MESSAGES,
         "CHAT_RATE_LIMIT_WINDOW_SECONDS": app_settings.RATE_LIMIT_WINDOW_SECONDS,
         "CHAT_REPLAY_BATCH_SIZE": app_settings.REPLAY_BATCH_SIZE,
+        "CHAT_GROUP_COMMIT_MAX_MESSAGES": app_settings.GROUP_COMMIT_MAX_MESSAGES,
         "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
         "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
         "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,

@@ -105,6 +105,12 @@ class ChatSettings:
         return float(self._get("RATE_LIMIT_WINDOW_SECONDS", 5.0))
 
     @property
+    def GROUP_COMMIT_MAX_MESSAGES(self) -> int:
+        """Most concurrent sends of one room stored in one transaction (chat/ingest.py);
+        1 stores each send in its own transaction."""
+        return int(self._get("GROUP_COMMIT_MAX_MESSAGES", 100))
+
+    @property
     def REPLAY_BATCH_SIZE(self) -> int:
         """Messages per database page and per WebSocket message when replaying history."""
         return int(self._get("REPLAY_BATCH_SIZE", 200))

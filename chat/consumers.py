@@ -34,7 +34,7 @@ from django.db import DatabaseError
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant, assistant_runs, protocol, quotas, services
+from . import assistant, assistant_runs, ingest, protocol, quotas, services
 from .conf import app_settings
 from .delivery import inbound, writers
 from .delivery.hub import Detached, RoomHub, get_room_hub
@@ -359,9 +359,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         started = time.perf_counter()
         try:
-            result = await services.apost_message(
-                self.room.pk, self.user, frame.text, frame.client_id, origin=self.conn_id
+            request = services.PostRequest(
+                self.user, frame.text, frame.client_id, origin=self.conn_id
             )
+            result = await ingest.post(self.room.pk, request)
         except services.RateLimited:
             self._rate_limited(cid)
             return

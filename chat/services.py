@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
@@ -19,7 +21,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models import Count, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -99,31 +101,136 @@ async def arecent_last_seq(room_id: int, max_age_seconds: float) -> int:
     return value
 
 
-def _check_access(room: Room, user: User) -> None:
-    # The room lock serialises senders of one room; the limit is per user over all rooms, so
-    # also queue this user's concurrent sends (other rooms, other processes) on their row.
-    # A no-op on SQLite, where writers are serialised anyway. The same read tells whether the
-    # user was deactivated since the socket opened (revocation closes it within a second;
-    # this closes the window before that).
-    active = (
+@dataclass(frozen=True)
+class PostRequest:
+    """One message to store: see ``post_message`` for the fields."""
+
+    user: User
+    text: str
+    client_id: str = ""
+    status: str = ""
+    check_rate: bool = True
+    origin: str = ""
+
+
+def _refusals(room: Room, requests: Sequence[PostRequest]) -> dict[int, Exception]:
+    """Per user: Revoked if they may no longer post here; the others are absent."""
+    ids = sorted({r.user.pk for r in requests if r.check_rate})
+    if not ids:
+        return {}
+    # The room lock serialises senders of one room; the rate limit is per user over all rooms,
+    # so also queue this user's concurrent sends (other rooms, other processes) on their row,
+    # locked in pk order so that two batches never wait for each other. A no-op on SQLite,
+    # where writers are serialised anyway. The same read tells whether the user was
+    # deactivated since the socket opened (revocation closes it within a second; this closes
+    # the window before that).
+    active = set(
         get_user_model()
         .objects.select_for_update()
-        .filter(pk=user.pk)
-        .values_list("is_active", flat=True)
-        .first()
+        .filter(pk__in=ids, is_active=True)
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )
-    if not active:
-        raise Revoked()
-    if room.is_private and not Membership.objects.filter(room=room, user=user).exists():
-        raise Revoked()
+    if room.is_private:
+        active &= set(
+            Membership.objects.filter(room=room, user_id__in=active).values_list(
+                "user_id", flat=True
+            )
+        )
+    return {uid: Revoked() for uid in ids if uid not in active}
 
 
-def _check_rate(user: User) -> None:
-    window = timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
+def _recent_counts(requests: Sequence[PostRequest]) -> dict[int, int]:
+    """Messages each rate-checked user stored in the rate window (all rooms, all processes)."""
+    ids = {r.user.pk for r in requests if r.check_rate}
+    if not ids:
+        return {}
+    since = timezone.now() - timedelta(seconds=app_settings.RATE_LIMIT_WINDOW_SECONDS)
     # Counting stored messages needs no extra state and holds across processes and tabs.
-    recent = Message.objects.filter(user=user, created_at__gte=timezone.now() - window).count()
-    if recent >= app_settings.RATE_LIMIT_MESSAGES:
-        raise RateLimited()
+    rows = (
+        Message.objects.filter(user_id__in=ids, created_at__gte=since)
+        .values("user_id")
+        .annotate(n=Count("id"))
+        .values_list("user_id", "n")
+    )
+    return {uid: 0 for uid in ids} | dict(rows)
+
+
+def post_messages(room_id: int, requests: Sequence[PostRequest]) -> list[PostResult | Exception]:
+    """Store several messages of one room in one transaction (group commit), in order.
+
+    Each request gets its own outcome: a PostResult (``created=False`` when its client_id was
+    already stored, by an earlier transaction or earlier in this batch), or RateLimited /
+    Revoked for that request alone. Seqs of the stored ones are consecutive and in request
+    order; each is broadcast after commit, ack first for its ``origin``. A database failure
+    raises (DatabaseError) and stores none of them.
+    """
+    outcomes: list[PostResult | Exception | None] = [None] * len(requests)
+    with transaction.atomic():
+        # The row lock serialises senders of this room (all processes) until commit, so seqs
+        # are handed out in commit order, and a rollback returns its seqs with it.
+        room = (
+            Room.objects.select_for_update()
+            .only("id", "slug", "last_seq", "is_private")
+            .get(pk=room_id)
+        )
+        keyed = [r for r in requests if r.client_id]
+        known: dict[tuple[int, str], Message] = {}
+        if keyed:
+            rows = Message.objects.filter(
+                room=room,
+                user_id__in={r.user.pk for r in keyed},
+                client_id__in={r.client_id for r in keyed},
+            )
+            known = {(m.user_id, m.client_id): m for m in rows}
+        refused = _refusals(room, requests)
+        recent = _recent_counts(requests)
+        limit = app_settings.RATE_LIMIT_MESSAGES
+        new: list[tuple[int, Message]] = []
+        seq = room.last_seq
+        for index, request in enumerate(requests):
+            key = (request.user.pk, request.client_id)
+            if request.client_id and key in known:
+                outcomes[index] = PostResult(known[key], created=False)
+                continue
+            if request.check_rate:
+                if request.user.pk in refused:
+                    outcomes[index] = refused[request.user.pk]
+                    continue
+                if recent[request.user.pk] >= limit:
+                    outcomes[index] = RateLimited()
+                    continue
+                recent[request.user.pk] += 1
+            seq += 1
+            message = Message(
+                room=room,
+                seq=seq,
+                user=request.user,
+                text=request.text,
+                client_id=request.client_id,
+                status=request.status,
+            )
+            new.append((index, message))
+            outcomes[index] = PostResult(message, created=True)
+            if request.client_id:
+                known[key] = message  # a resend later in the same batch
+        if not new:
+            return [o for o in outcomes if o is not None]
+        Message.objects.bulk_create([m for _, m in new])
+        Room.objects.filter(pk=room.pk).update(last_seq=seq)
+        budget = app_settings.MAX_SEND_BYTES
+        for index, message in new:
+            request = requests[index]
+            enc = protocol.message_encoded(message, room.slug, request.user, budget)
+            event = {"type": protocol.EVENT_MESSAGE, "seq": message.seq, "text": enc.text}
+            event["size"] = enc.size
+            if request.origin:
+                # The sending socket: its process sends it the ack before the message itself.
+                event["origin"] = request.origin
+            transaction.on_commit(partial(broadcast, room.pk, event), robust=True)
+            if mentions.wanted(message.text, request.user):
+                transaction.on_commit(partial(mentions.notify, message), robust=True)
+    return [o for o in outcomes if o is not None]
 
 
 def post_message(
@@ -143,35 +250,11 @@ def post_message(
     the sending socket (``conn_id``), so that it gets its ack before the message.
     Raises RateLimited, Revoked, or DatabaseError when the database is unavailable.
     """
-    with transaction.atomic():
-        # The row lock serialises senders of this room (all processes) until commit, so seqs
-        # are handed out in commit order, and a rollback returns its seq with it.
-        room = (
-            Room.objects.select_for_update()
-            .only("id", "slug", "last_seq", "is_private")
-            .get(pk=room_id)
-        )
-        if client_id:
-            existing = Message.objects.filter(room=room, user=user, client_id=client_id).first()
-            if existing is not None:
-                return PostResult(existing, created=False)
-        if check_rate:
-            _check_access(room, user)
-            _check_rate(user)
-        seq = room.last_seq + 1
-        Room.objects.filter(pk=room.pk).update(last_seq=seq)
-        message = Message.objects.create(
-            room=room, seq=seq, user=user, text=text, client_id=client_id, status=status
-        )
-        enc = protocol.message_encoded(message, room.slug, user, app_settings.MAX_SEND_BYTES)
-        event = {"type": protocol.EVENT_MESSAGE, "seq": seq, "text": enc.text, "size": enc.size}
-        if origin:
-            # The sending socket: its process sends it the ack before the message itself.
-            event["origin"] = origin
-        transaction.on_commit(lambda: broadcast(room.pk, event), robust=True)
-        if mentions.wanted(text, user):
-            transaction.on_commit(lambda: mentions.notify(message), robust=True)
-    return PostResult(message, created=True)
+    request = PostRequest(user, text, client_id, status, check_rate, origin)
+    (outcome,) = post_messages(room_id, [request])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def broadcast(room_id: int, event: dict[str, Any]) -> None:
@@ -336,6 +419,7 @@ aallowed_users = database_sync_to_async(allowed_users)
 aencoded_messages = database_sync_to_async(encoded_messages)
 alast_seq = database_sync_to_async(last_seq)
 apost_message = database_sync_to_async(post_message)
+apost_messages = database_sync_to_async(post_messages)
 amessage_frames = database_sync_to_async(message_frames)
 alatest_frames = database_sync_to_async(latest_frames)
 amark_read = database_sync_to_async(mark_read)

@@ -87,3 +87,15 @@ def test_the_owner_forgets_its_run(room: Room) -> None:
     make_run(room, "asst-w", age_seconds=0)
     assistant_runs.close_run("asst-w")
     assert not AssistantRun.objects.exists()
+
+
+def test_a_takeover_bound_too_close_to_the_heartbeat_is_a_check_error() -> None:
+    from chat.checks import check_chat_settings
+
+    def ids() -> list[str]:
+        return [m.id for m in check_chat_settings() if m.id == "chat.E020"]
+
+    with override_settings(CHAT_ASSISTANT_HEARTBEAT_SECONDS=1, CHAT_ASSISTANT_TAKEOVER_SECONDS=2):
+        assert ids() == ["chat.E020"]
+    with override_settings(CHAT_ASSISTANT_HEARTBEAT_SECONDS=1, CHAT_ASSISTANT_TAKEOVER_SECONDS=3):
+        assert ids() == []

@@ -312,7 +312,7 @@ async def test_database_trouble_is_unavailable(
         raise OperationalError("database is locked")
 
     # Fail inside the real sync path, as a locked or unreachable database would.
-    monkeypatch.setattr(services, "_check_rate", broken)
+    monkeypatch.setattr(services, "_recent_counts", broken)
     comm = await connected(alice, "lobby")
     await send(comm, {"type": "message", "text": "lost?", "client_id": "c9"})
     error = await frame(comm)

@@ -1,0 +1,83 @@
+"""Group commit: the sends of one room that arrive while a transaction runs share the next one.
+
+Every database call of a process goes through one thread (``database_sync_to_async``), so
+concurrent sends wait for each other anyway; storing them one transaction each makes the room
+cost a commit (an fsync on PostgreSQL, SQLite's journal) per message. Here a send joins its
+room's queue and, when no transaction of that room is running in this process, starts one;
+everything that queued meanwhile goes into the next transaction, at most
+``CHAT_GROUP_COMMIT_MAX_MESSAGES`` messages each (``services.post_messages``). Nobody waits for a
+timer: a lone send is stored at once, as before, and batches form only under load.
+
+Guarantees are unchanged: seqs are gap-free (handed out under the room's row lock, across
+processes), a send is acked only after its transaction committed, a resend of a client_id is
+answered with the stored message, and a rate-limited or revoked send fails alone. A database
+failure fails the transaction's sends, each answered ``unavailable`` (none stored).
+
+Bounds: a socket handles its frames one after the other, so a room's queue holds at most one
+send per socket of this process (each at most ``CHAT_MAX_TEXT_BYTES``), and a transaction at
+most ``CHAT_GROUP_COMMIT_MAX_MESSAGES`` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass, field
+
+from .conf import app_settings
+from .services import PostRequest, PostResult, apost_messages
+
+
+@dataclass
+class _Queue:
+    waiting: list[tuple[PostRequest, asyncio.Future[PostResult]]] = field(default_factory=list)
+    committing: bool = False
+    task: asyncio.Task[None] | None = None  # the running commits (held: tasks are weak refs)
+
+
+# Per event loop (one under daphne; one per test), then per room id.
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _Queue]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def post(room_id: int, request: PostRequest) -> PostResult:
+    """Store ``request`` in room ``room_id`` (with others, if they are waiting); its outcome.
+
+    Raises what ``services.post_message`` raises: RateLimited, Revoked, DatabaseError."""
+    loop = asyncio.get_running_loop()
+    rooms = _queues.setdefault(loop, {})
+    queue = rooms.setdefault(room_id, _Queue())
+    future: asyncio.Future[PostResult] = loop.create_future()
+    queue.waiting.append((request, future))
+    if not queue.committing:
+        queue.committing = True
+        queue.task = loop.create_task(_commit_all(room_id, queue, rooms))
+    # A sender that goes away (socket closed) cancels only its own future: the commit runs in
+    # its own task, stores the message anyway (as a single send did), and skips the answer.
+    return await future
+
+
+async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> None:
+    most = app_settings.GROUP_COMMIT_MAX_MESSAGES
+    try:
+        while queue.waiting:
+            batch, queue.waiting = queue.waiting[:most], queue.waiting[most:]
+            try:
+                outcomes = await apost_messages(room_id, [request for request, _ in batch])
+            except Exception as exc:  # DatabaseError, or the room was deleted meanwhile
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+    finally:
+        queue.committing = False
+        if not queue.waiting and rooms.get(room_id) is queue:
+            del rooms[room_id]

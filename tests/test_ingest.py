@@ -1,0 +1,147 @@
+"""Group commit (chat/ingest.py, services.post_messages): concurrent sends of a room share
+transactions, and each keeps its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import User
+from django.db import OperationalError
+from django.test import override_settings
+
+from chat import ingest, services
+from chat.models import Membership, Message, Room
+from chat.services import PostRequest, PostResult
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@database_sync_to_async
+def make_user(name: str, **extra: Any) -> User:
+    return User.objects.create_user(name, **extra)
+
+
+@database_sync_to_async
+def make_room(slug: str, is_private: bool = False) -> Room:
+    return Room.objects.create(slug=slug, title=slug, is_private=is_private)
+
+
+@database_sync_to_async
+def stored(room: Room) -> list[tuple[int, str]]:
+    return list(Message.objects.filter(room=room).order_by("seq").values_list("seq", "text"))
+
+
+@pytest.fixture
+def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches services.post_messages was called with, in order."""
+    sizes: list[int] = []
+    real = services.post_messages
+
+    def counting(room_id: int, requests: list[PostRequest]) -> list[Any]:
+        sizes.append(len(requests))
+        return real(room_id, requests)
+
+    monkeypatch.setattr(services, "post_messages", counting)
+    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
+    return sizes
+
+
+async def test_concurrent_sends_share_one_transaction_with_consecutive_seqs(
+    transactions: list[int],
+) -> None:
+    room = await make_room("lobby")
+    users = [await make_user(f"u{i}") for i in range(50)]
+    results = await asyncio.gather(
+        *(ingest.post(room.pk, PostRequest(u, f"m{i}", f"c{i}")) for i, u in enumerate(users))
+    )
+    assert [r.message.seq for r in results] == list(range(1, 51))  # in send order
+    assert all(r.created for r in results)
+    assert await stored(room) == [(i + 1, f"m{i}") for i in range(50)]
+    assert transactions == [50]
+
+
+@override_settings(CHAT_GROUP_COMMIT_MAX_MESSAGES=8, CHAT_RATE_LIMIT_MESSAGES=1000)
+async def test_batches_are_bounded_and_a_lone_send_waits_for_nothing(
+    transactions: list[int],
+) -> None:
+    room = await make_room("lobby")
+    alice = await make_user("alice")
+    await ingest.post(room.pk, PostRequest(alice, "alone"))
+    assert transactions == [1]
+    await asyncio.gather(*(ingest.post(room.pk, PostRequest(alice, f"m{i}")) for i in range(20)))
+    assert transactions == [1, 8, 8, 4]
+    assert [seq for seq, _ in await stored(room)] == list(range(1, 22))
+
+
+@override_settings(CHAT_RATE_LIMIT_MESSAGES=3)
+async def test_each_send_of_a_batch_keeps_its_own_outcome(transactions: list[int]) -> None:
+    room = await make_room("secret", is_private=True)
+    alice, bob, gone = await make_user("alice"), await make_user("bob"), await make_user("gone")
+    for user in (alice, bob):
+        await database_sync_to_async(Membership.objects.create)(room=room, user=user)
+    # gone is no member: revoked. alice sends five (the limit is 3), one of them twice.
+    requests = [
+        PostRequest(alice, "a0", "a0"),
+        PostRequest(gone, "g0", "g0"),
+        PostRequest(alice, "a1", "a1"),
+        PostRequest(alice, "a0 again", "a0"),  # a resend of a0 in the same batch
+        PostRequest(bob, "b0", "b0"),
+        PostRequest(alice, "a2", "a2"),
+        PostRequest(alice, "a3", "a3"),
+    ]
+    outcomes = await asyncio.gather(
+        *(ingest.post(room.pk, r) for r in requests), return_exceptions=True
+    )
+    assert transactions == [7]
+    kinds = [
+        (o.message.seq, o.created) if isinstance(o, PostResult) else type(o).__name__
+        for o in outcomes
+    ]
+    assert kinds == [
+        (1, True),
+        "Revoked",
+        (2, True),
+        (1, False),
+        (3, True),
+        (4, True),
+        "RateLimited",
+    ]
+    assert await stored(room) == [(1, "a0"), (2, "a1"), (3, "b0"), (4, "a2")]
+
+
+async def test_a_database_failure_fails_the_whole_batch_and_leaves_no_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    room = await make_room("lobby")
+    alice = await make_user("alice")
+
+    def broken(*args: object) -> None:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(services, "_recent_counts", broken)
+    outcomes = await asyncio.gather(
+        *(ingest.post(room.pk, PostRequest(alice, f"m{i}")) for i in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, OperationalError) for o in outcomes)
+    monkeypatch.undo()
+    result = await ingest.post(room.pk, PostRequest(alice, "after"))
+    assert result.message.seq == 1 and await stored(room) == [(1, "after")]
+
+
+async def test_a_sender_that_goes_away_does_not_cancel_the_others() -> None:
+    room = await make_room("lobby")
+    alice = await make_user("alice")
+    first = asyncio.ensure_future(ingest.post(room.pk, PostRequest(alice, "m0")))
+    others = [
+        asyncio.ensure_future(ingest.post(room.pk, PostRequest(alice, f"m{i}"))) for i in (1, 2)
+    ]
+    await asyncio.sleep(0)
+    others[0].cancel()  # its socket closed while it waited
+    done: list[PostResult] = [await first, await others[1]]
+    assert [r.message.seq for r in done] == [1, 3]
+    # The cancelled send was stored all the same (as a single send's transaction would be).
+    assert [text for _, text in await stored(room)] == ["m0", "m1", "m2"]
