@@ -21,11 +21,20 @@ most ``CHAT_GROUP_COMMIT_MAX_MESSAGES`` of them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+from realtime_kit.metrics import metrics
 
 from .conf import app_settings
+from .delivery.hub import room_group
 from .services import PostRequest, PostResult, apost_messages
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,13 +72,18 @@ async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> 
     try:
         while queue.waiting:
             batch, queue.waiting = queue.waiting[:most], queue.waiting[most:]
+            metrics().commit_batch_messages.observe(len(batch))
+            events: list[dict[str, Any]] = []
             try:
-                outcomes = await apost_messages(room_id, [request for request, _ in batch])
+                outcomes = await apost_messages(room_id, [r for r, _ in batch], events)
             except Exception as exc:  # DatabaseError, or the room was deleted meanwhile
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            # Committed: broadcast from here, in seq order (the database thread is free for the
+            # next batch meanwhile, instead of waiting for this loop once per message).
+            await _broadcast(room_id, events)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue
@@ -81,3 +95,17 @@ async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> 
         queue.committing = False
         if not queue.waiting and rooms.get(room_id) is queue:
             del rooms[room_id]
+
+
+async def _broadcast(room_id: int, events: list[dict[str, Any]]) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    group = room_group(room_id)
+    for event in events:
+        try:
+            await layer.group_send(group, event)
+        except Exception:
+            # Stored and acked regardless (like a failed on_commit broadcast): the room's
+            # sockets find the message by seq (gap fill, pong last_seq, resume).
+            logger.exception("Broadcasting message %s of room %s failed", event["seq"], room_id)

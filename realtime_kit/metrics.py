@@ -23,6 +23,7 @@ _metrics: Metrics | None = None
 
 # Upper bounds of the histogram buckets.
 BATCH_FRAME_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+COMMIT_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200)
 STORE_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -59,6 +60,11 @@ class Metrics:
             "chat_message_store_seconds",
             "Time to store one chat message (transaction included), in seconds.",
             buckets=STORE_SECONDS_BUCKETS,
+        )
+        self.commit_batch_messages = Histogram(
+            "chat_commit_batch_messages",
+            "Sends stored per transaction (group commit: concurrent sends of a room share one).",
+            buckets=COMMIT_BATCH_BUCKETS,
         )
         self.assistant_streams = gauge(
             "chat_assistant_streams_running",

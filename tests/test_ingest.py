@@ -40,9 +40,11 @@ def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real = services.post_messages
 
-    def counting(room_id: int, requests: list[PostRequest]) -> list[Any]:
+    def counting(
+        room_id: int, requests: list[PostRequest], broadcasts: list[Any] | None = None
+    ) -> list[Any]:
         sizes.append(len(requests))
-        return real(room_id, requests)
+        return real(room_id, requests, broadcasts)
 
     monkeypatch.setattr(services, "post_messages", counting)
     monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
