@@ -3,14 +3,16 @@ after a lost connection (each change once, in order), and edits made in the Djan
 
 from __future__ import annotations
 
+import asyncio
 import re
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.servers import ChatClient, DaphneServer, login, run_django_script
+from tests.servers import ChatClient, DaphneServer, RedisServer, login, run_django_script
 
 pytestmark = [pytest.mark.e2e]
 
@@ -174,3 +176,47 @@ async def test_admin_edit_and_delete_reach_an_open_socket(
         page = await http.get("/chat/lobby/messages/", headers=headers)
         assert [(m["seq"], m["deleted"]) for m in page.json()["messages"]] == [(seq, True)]
     await alice.close()
+
+
+@pytest.mark.redis
+async def test_changes_from_two_processes_reach_both_in_update_order(
+    start_daphne: Callable[..., DaphneServer],
+    sqlite_env: dict[str, str],
+    redis_server: RedisServer,
+) -> None:
+    env = {**sqlite_env, "REDIS_URL": redis_server.url, "CHAT_EDIT_RATE_LIMIT": "1000"}
+    a, b = start_daphne(env), start_daphne(env)
+    alice = await ChatClient.open(a, await login(a.base_url, "alice"))
+    bob = await ChatClient.open(b, await login(b.base_url, "bob"))
+    carol = await login(a.base_url, "carol")
+    readers = [await ChatClient.open(server, carol) for server in (a, b)]
+    per_user = 10
+    for n in range(per_user):
+        await alice.post(f"alice {n}", f"a{n}")
+        await bob.post(f"bob {n}", f"b{n}")
+    total = 2 * per_user
+    for reader in readers:
+        await reader.wait_seq(total)
+    mine = {
+        "alice": [f["seq"] for f in readers[0].messages() if f["user"]["username"] == "alice"],
+        "bob": [f["seq"] for f in readers[0].messages() if f["user"]["username"] == "bob"],
+    }
+
+    # Both processes store changes at once: each process must still deliver them in order.
+    await asyncio.gather(
+        alice.send([{"type": "edit", "seq": s, "text": f"edited {s}"} for s in mine["alice"]]),
+        bob.send([{"type": "delete", "seq": s} for s in mine["bob"]]),
+    )
+    for reader in readers:
+        await reader.wait_for(
+            lambda f: f["type"] == "message_update" and f["update_seq"] == total, timeout=30
+        )
+        await reader.ping()
+        updates = [f for f in reader.log if f["type"] == "message_update"]
+        assert [f["update_seq"] for f in updates] == list(range(1, total + 1))
+        assert sorted(f["seq"] for f in updates) == list(range(1, total + 1))
+        for f in updates:
+            expected = ("", True) if f["seq"] in mine["bob"] else (f"edited {f['seq']}", False)
+            assert (f["text"], f["deleted"]) == expected
+    for client in (alice, bob, *readers):
+        await client.close()
