@@ -415,6 +415,9 @@
     setState("connected");
     hideNotice("connection");
     const serverLast = Number(hello.last_seq) || 0;
+    // Fewer changes than we saw: the server's database was reset (like last_seq below).
+    const serverUpdates = Number(hello.last_update_seq) || 0;
+    if (serverUpdates < lastUpdateSeq) lastUpdateSeq = serverUpdates;
     if (synced && serverLast < lastSeq) {
       reloadHistory(serverLast);
     } else if (!synced) {
