@@ -19,6 +19,7 @@ from django.contrib.auth.models import User
 from django.test import Client, override_settings
 
 from chat import export, paging, protocol, services
+from chat.consumers import _one_resume
 from chat.delivery.hub import Item, RoomHub, _Room
 from chat.delivery.writers import Packed
 from chat.models import Message, Room
@@ -508,3 +509,8 @@ async def test_hub_skips_updates_a_catching_up_socket_already_has() -> None:
 
 def test_item_defaults_are_not_updates() -> None:
     assert Item(protocol.Encoded.of({"type": "x"})).update_seq is None
+
+
+def test_several_resumes_in_one_message_merge_their_after_update() -> None:
+    frames: list[Any] = [protocol.Resume(5, 3), protocol.Ping(), protocol.Resume(2, None)]
+    assert _one_resume(frames) == [protocol.Ping(), protocol.Resume(2, 3)]
