@@ -412,7 +412,13 @@ async def _zero(room_id: int) -> int:
     return 0
 
 
-def make_hub(loads: list[tuple[int, int]], rows: list[tuple[int, int, Any]]) -> RoomHub:
+async def _value(value: int) -> int:
+    return value
+
+
+def make_hub(
+    loads: list[tuple[int, int]], rows: list[tuple[int, int, Any]], db_head: int | None = None
+) -> RoomHub:
     async def load_updates(room_id: int, after: int, upto: int) -> list[tuple[int, int, Any]]:
         loads.append((after, upto))
         return [r for r in rows if after < r[0] <= upto]
@@ -429,6 +435,7 @@ def make_hub(loads: list[tuple[int, int]], rows: list[tuple[int, int, Any]]) -> 
         batch_window_seconds=0,
         gap_grace_seconds=0.01,
         load_updates=load_updates,
+        read_update_head=None if db_head is None else (lambda room_id: _value(db_head)),
     )
     hub.rooms[1] = _Room(1, ready=True, subscribed=True)
     return hub
@@ -493,6 +500,18 @@ async def test_hub_recovers_a_lost_last_change_when_told_it_exists() -> None:
     hub.note_update_head(1, 1)
     await settle()
     assert loads == [(0, 1)]  # once: the second note changes nothing
+
+
+async def test_a_stale_head_from_a_ping_skips_no_later_change() -> None:
+    hub = make_hub([], [], db_head=0)  # the database was reset: it holds no change
+    member = FakeMember()
+    hub.rooms[1].members[member.conn_id] = member
+    hub.rooms[1].head = 5
+    hub.note_update_head(1, 7)  # read before the reset, still cached
+    await settle()
+    hub.dispatch(_update_event(2, 1))
+    await settle()
+    assert kinds(member) == [("message_update", 2, 1)]
 
 
 async def test_hub_skips_updates_a_catching_up_socket_already_has() -> None:

@@ -533,6 +533,13 @@ class RoomHub:
         after = room.update_head
         loader = self.load_updates
         try:
+            if self.read_update_head is not None:
+                # A ping's cached head may be stale (a database reset): never skip past what
+                # the database holds. Every committed change is at or below its head.
+                fresh = await self.read_update_head(room.id)
+                target = min(target, fresh)
+                held_max = max(room.held_updates, default=0)
+                room.update_known = max(held_max, min(room.update_known, fresh))
             while loader is not None and after < target:
                 rows = await loader(room.id, after, target)
                 if not rows:
