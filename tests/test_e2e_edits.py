@@ -17,6 +17,14 @@ from tests.servers import ChatClient, DaphneServer, RedisServer, login, run_djan
 pytestmark = [pytest.mark.e2e]
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(
+    request: pytest.FixtureRequest, start_daphne: Callable[..., DaphneServer]
+) -> DaphneServer:
+    """A daphne on SQLite, then on PostgreSQL (row locks and the migration on both)."""
+    return start_daphne(dict(request.getfixturevalue(f"{request.param}_env")))
+
+
 def is_update(seq: int, update_seq: int | None = None) -> Any:
     def match(frame: dict[str, Any]) -> bool:
         return (
@@ -36,7 +44,8 @@ def is_error(code: str) -> Any:
     return lambda frame: frame["type"] == "error" and frame["code"] == code
 
 
-async def test_edit_and_delete_reach_both_users_live(daphne: DaphneServer) -> None:
+async def test_edit_and_delete_reach_both_users_live(server: DaphneServer) -> None:
+    daphne = server
     alice = await ChatClient.open(daphne, await login(daphne.base_url, "alice"))
     bob = await ChatClient.open(daphne, await login(daphne.base_url, "bob"))
     ack = await alice.post("helo wrold", "c1")
@@ -89,8 +98,9 @@ async def test_refusals(daphne: DaphneServer) -> None:
 
 
 async def test_resume_after_a_lost_connection_gets_each_change_once_in_order(
-    daphne: DaphneServer,
+    server: DaphneServer,
 ) -> None:
+    daphne = server
     alice = await ChatClient.open(daphne, await login(daphne.base_url, "alice"))
     bob_cookie = await login(daphne.base_url, "bob")
     bob = await ChatClient.open(daphne, bob_cookie)
