@@ -533,3 +533,38 @@ def test_item_defaults_are_not_updates() -> None:
 def test_several_resumes_in_one_message_merge_their_after_update() -> None:
     frames: list[Any] = [protocol.Resume(5, 3), protocol.Ping(), protocol.Resume(2, None)]
     assert _one_resume(frames) == [protocol.Ping(), protocol.Resume(2, 3)]
+
+
+def test_message_update_fits_the_send_budget_whatever_was_stored() -> None:
+    class Changed:
+        seq = 4
+        text = "\u0001" * 20000  # 6 bytes each once escaped: far over the budget
+        edited_at = None
+        deleted = False
+        update_seq = 3
+
+    budget = 4096
+    enc = protocol.message_update_encoded(Changed(), budget)
+    frame = json.loads(enc.text)
+    assert enc.size <= budget
+    assert frame["truncated"] is True and frame["text"] == "\u0001" * len(frame["text"])
+    assert (frame["seq"], frame["update_seq"]) == (4, 3)
+    small = json.loads(
+        protocol.message_update_encoded(type("M", (Changed,), {"text": "hi"})(), budget).text
+    )
+    assert "truncated" not in small
+
+
+@pytestmark_db
+async def test_an_edit_by_a_removed_member_closes_the_socket(alice: User) -> None:
+    secret = await make_room("secret", private=True, members=(alice,))
+    a = await connected(alice, "secret")
+    seq = await post(a, "mine", "c1")
+    await database_sync_to_async(lambda: secret.memberships.filter(user=alice).delete())()
+    await send(a, {"type": "edit", "seq": seq, "text": "still mine?"})
+    while True:
+        output = await a.receive_output(timeout=3)
+        if output["type"] == "websocket.close":
+            break
+    assert output["code"] == 4403
+    assert (await stored(secret, seq)).text == "mine"
