@@ -220,10 +220,12 @@ class RoomHub:
     async def _subscribe(self, room: _Room) -> None:
         await self.layer.group_add(room_group(room.id), self._channel())
         room.subscribed = True
-        # Read after subscribing: every seq committed later arrives live.
-        room.head = await self.read_head(room.id)
+        # Read after subscribing: every seq committed later arrives live. Changes first: a
+        # change is committed after its message, so every change at or below update_head is
+        # about a message at or below head (no socket skips a change it cannot have seen).
         if self.read_update_head is not None:
             room.update_head = room.update_skip_to = await self.read_update_head(room.id)
+        room.head = await self.read_head(room.id)
         room.ready = True
         early, room.early = room.early, []
         for event in early:
