@@ -568,3 +568,25 @@ async def test_an_edit_by_a_removed_member_closes_the_socket(alice: User) -> Non
             break
     assert output["code"] == 4403
     assert (await stored(secret, seq)).text == "mine"
+
+
+@pytestmark_db
+async def test_admin_bulk_delete_marks_messages_deleted(alice: User, lobby: Room) -> None:
+    staff = await database_sync_to_async(User.objects.create_superuser)("root", password="x")
+    a = await connected(alice, "lobby")
+    seqs = [await post(a, f"m{n}", f"c{n}") for n in (1, 2, 3)]
+    ids = [(await stored(lobby, seq)).pk for seq in seqs[:2]]
+
+    def bulk_delete() -> int:
+        client = Client()
+        client.force_login(staff)
+        form = {"action": "delete_selected", "_selected_action": ids, "post": "yes"}
+        return client.post("/admin/chat/message/", form).status_code
+
+    assert await sync_to_async(bulk_delete)() == 302
+    updates = [await next_of(a, "message_update") for _ in range(2)]
+    assert sorted(u["seq"] for u in updates) == seqs[:2]
+    assert all(u["deleted"] for u in updates)
+    rows = [await stored(lobby, seq) for seq in seqs]
+    assert [m.deleted for m in rows] == [True, True, False]
+    await a.disconnect()
