@@ -10,9 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
+from websockets.asyncio.client import connect
 
+from chat import protocol
 from tests.servers import ChatClient, DaphneServer, RedisServer, login, run_django_script
+from tests.test_msgpack import binary_frames
 
 pytestmark = [pytest.mark.e2e]
 
@@ -230,3 +234,25 @@ async def test_changes_from_two_processes_reach_both_in_update_order(
             assert (f["text"], f["deleted"]) == expected
     for client in (alice, bob, *readers):
         await client.close()
+
+
+async def test_msgpack_and_json_clients_get_the_same_update(daphne: DaphneServer) -> None:
+    ws = await connect(
+        daphne.ws_url("/ws/chat/lobby/"),
+        additional_headers={"Cookie": await login(daphne.base_url, "alice")},
+        origin=daphne.base_url,  # type: ignore[arg-type]
+        subprotocols=[protocol.SUBPROTOCOL_MSGPACK],  # type: ignore[list-item]
+        max_size=None,
+    )
+    bob = await ChatClient.open(daphne, await login(daphne.base_url, "bob"))
+    await ws.send(msgpack.packb({"type": "message", "text": "binary", "client_id": "m1"}))
+    await bob.wait_seq(1)
+    await ws.send(msgpack.packb({"type": "edit", "seq": 1, "text": "binary, edited"}))
+    seen: list[dict[str, Any]] = []
+    while not any(f["type"] == "message_update" for f in seen):
+        seen += await binary_frames(ws)
+    binary = next(f for f in seen if f["type"] == "message_update")
+    assert binary == await bob.wait_for(is_update(1, 1))
+    assert binary["text"] == "binary, edited"
+    await ws.close()
+    await bob.close()
