@@ -4,11 +4,12 @@ after a reconnect a user who was away sees the changes made meanwhile, once each
 from __future__ import annotations
 
 import re
+import textwrap
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, WebSocketRoute, expect
 
-from tests.servers import DaphneServer
+from tests.servers import DaphneServer, run_django_script, seed_messages
 from tests.test_browser_chat import (
     CONFIRMED_TEXTS,
     MESSAGES,
@@ -128,3 +129,33 @@ def test_two_users_see_edits_and_deletes_live_and_after_a_reconnect(
     # The next pong tells it every change up to 5 reached it (4 came as a current text).
     bob.wait_for_function("window.chatClient.lastUpdateSeq === 5")
     assert shown_seqs(alice) == [1, 2, 3, 4]
+
+
+_CHANGE_OLD_MESSAGES = textwrap.dedent(
+    """
+    import django
+    django.setup()
+    from chat import services
+    from chat.models import Message
+
+    old = Message.objects.filter(room__slug="lobby").order_by("seq")
+    services.staff_edit_message(old[0].pk, "first, edited")
+    services.staff_delete_message(old[1].pk)
+    """
+)
+
+
+def test_older_pages_show_edits_and_deletes(
+    browser: Browser, page_errors: list[str], daphne: DaphneServer, sqlite_env: dict[str, str]
+) -> None:
+    seed_messages(sqlite_env, "lobby", 60)
+    run_django_script(_CHANGE_OLD_MESSAGES, sqlite_env)
+    page = open_room(new_context(browser, page_errors), daphne, "bob")
+    expect(page.locator(f"{MESSAGES} li[data-seq]")).to_have_count(50)
+    page.get_by_test_id("load-older").click()
+    expect(page.locator(f"{MESSAGES} li[data-seq]")).to_have_count(60)
+    expect(message(page, 1).locator(".text")).to_have_text("first, edited")
+    expect(message(page, 1).locator(".edited")).to_have_text("(edited)")
+    expect(message(page, 2)).to_have_class(re.compile(r"\bdeleted\b"))
+    expect(message(page, 2).locator(".text")).to_have_text("message deleted")
+    expect(message(page, 3).locator(".edited")).to_have_count(0)
