@@ -3,10 +3,12 @@ from __future__ import annotations
 from asgiref.sync import async_to_sync
 from django.contrib import admin
 from django.db.models import QuerySet
+from django.forms import ModelForm
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
+from . import services
 from .conf import app_settings
 from .export import FORMATS, RoomSnapshot, export_response
 from .models import Membership, Message, ReadMarker, Room
@@ -87,14 +89,43 @@ class MembershipAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ["room", "seq", "user", "short_text", "status", "created_at"]
-    list_filter = ["room", "status", "created_at"]
+    list_display = ["room", "seq", "user", "short_text", "status", "deleted", "created_at"]
+    list_filter = ["room", "status", "deleted", "created_at"]
     search_fields = ["text", "user__username", "room__slug", "client_id"]
     list_select_related = ["room", "user"]
     date_hierarchy = "created_at"
     # seq is handed out by services.post_message; editing it here would break the sequence.
-    readonly_fields = ["room", "seq", "user", "client_id", "status", "created_at"]
+    # Only the text is edited here, through services (edited_at, update_seq, broadcast).
+    readonly_fields = [
+        "room",
+        "seq",
+        "user",
+        "client_id",
+        "status",
+        "created_at",
+        "edited_at",
+        "deleted",
+        "update_seq",
+    ]
     ordering = ["-created_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Message | None = None) -> list[str]:
+        # A deleted message stays deleted: its (empty) text is not edited back.
+        fields = list(self.readonly_fields)
+        return [*fields, "text"] if obj is not None and obj.deleted else fields
+
+    def save_model(self, request: HttpRequest, obj: Message, form: ModelForm, change: bool) -> None:
+        # An edit here reaches open sockets like one from the socket (a message_update).
+        if change and "text" in form.changed_data:
+            services.staff_edit_message(obj.pk, obj.text)
+
+    def delete_model(self, request: HttpRequest, obj: Message) -> None:
+        # Marked deleted, never removed: seq stays gap-free and clients get a message_update.
+        services.staff_delete_message(obj.pk)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Message]) -> None:
+        for pk in queryset.values_list("pk", flat=True):
+            services.staff_delete_message(pk)
 
     @admin.display(description="text")
     def short_text(self, obj: Message) -> str:

@@ -523,7 +523,8 @@ def _load_context(reply: Reply) -> tuple[User, list[ChatMessage]]:
     """The assistant user, and the model's input: a system prompt and recent room history."""
     assistant = assistant_user()
     rows = (
-        Message.objects.filter(room_id=reply.room_id, seq__lte=reply.request_seq)
+        # Deleted messages are gone for the model too (their text is empty anyway).
+        Message.objects.filter(room_id=reply.room_id, seq__lte=reply.request_seq, deleted=False)
         .select_related("user")
         .order_by("-seq")[: app_settings.ASSISTANT_CONTEXT_MESSAGES]
     )

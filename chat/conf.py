@@ -111,6 +111,16 @@ class ChatSettings:
         return int(self._get("GROUP_COMMIT_MAX_MESSAGES", 100))
 
     @property
+    def EDIT_RATE_LIMIT(self) -> int:
+        """Edits and deletes a user may make (all rooms and tabs together) per edit window."""
+        return int(self._get("EDIT_RATE_LIMIT", 10))
+
+    @property
+    def EDIT_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``EDIT_RATE_LIMIT``, in seconds."""
+        return float(self._get("EDIT_RATE_LIMIT_WINDOW_SECONDS", 5.0))
+
+    @property
     def REPLAY_BATCH_SIZE(self) -> int:
         """Messages per database page and per WebSocket message when replaying history."""
         return int(self._get("REPLAY_BATCH_SIZE", 200))

@@ -4,7 +4,10 @@ Delivery goes through the process's room hub (``chat.delivery.hub``), not a chan
 socket: the hub receives each room event once per process and hands this socket pre-encoded,
 batched messages (``deliver``). The ordering argument lives in the hub's docstring: a socket
 attaches before it reads ``last_seq``, catches up from the database, and goes live only once
-it has reached the hub's head; ``last_sent`` is the highest seq it delivered.
+it has reached the hub's head; ``last_sent`` is the highest seq it delivered. Changes of
+messages (``message_update``) follow the same rule with ``last_update`` and the hub's
+``update_head``: a resume first sends the changes of the messages the client has
+(``after_update``), then the newer messages with their current text.
 
 Bounds, per socket (docs/protocol.md "Limits"):
 - outbound: what the client has not taken yet is measured in bytes (``writers``); typing and
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 # How long a replay waits for a client to take what it was sent before giving up on it.
 SLOW_CONSUMER_SECONDS = 10.0
 AFTER_ERROR = "after must be a non-negative integer; sending recent history instead."
+AFTER_UPDATE_ERROR = "after_update must be a non-negative integer; not replaying changes."
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -63,6 +67,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     user_id = 0
     session_key = ""
     last_sent = 0
+    last_update = 0
     live = False
     closing = False
     typed = False
@@ -178,20 +183,27 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close(code=protocol.CLOSE_TOO_MANY_SOCKETS)
 
     async def _start_session(self) -> None:
-        after, after_error = self._query_after()
-        last_seq = await services.alast_seq(self.room.pk)
-        first = [Encoded.of(protocol.hello_frame(self.room.slug, self.user, last_seq))]
-        if after_error:
-            first.append(Encoded.of(protocol.error_frame(protocol.BAD_FRAME, after_error)))
+        after, after_error = self._query_int("after", AFTER_ERROR)
+        after_update, update_error = self._query_int("after_update", AFTER_UPDATE_ERROR)
+        last_seq, last_update = await services.aheads(self.room.pk)
+        hello = protocol.hello_frame(self.room.slug, self.user, last_seq, last_update)
+        first = [Encoded.of(hello)]
+        for error in (after_error, update_error):
+            if error:
+                first.append(Encoded.of(protocol.error_frame(protocol.BAD_FRAME, error)))
         if after is None:
             rows = await services.alatest_frames(self.room, last_seq, app_settings.HISTORY_LIMIT)
             self._write(self._pack(first + [enc for _, enc in rows]))
             self.last_sent = last_seq
+            # The history shows current texts: no change up to here is news to this client.
+            self.last_update = last_update
         else:
             self._write(self._pack(first))
             # A client ahead of the server (database reset) starts again from last_seq.
             self.last_sent = min(after, last_seq)
-            await self._replay(last_seq)
+            # Without after_update the client asks for no changes (an older client).
+            self.last_update = last_update if after_update is None else after_update
+            await self._replay_changes(last_seq, last_update)
         await self._catch_up()
         if self.closing:
             return
@@ -206,6 +218,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             while not self.closing and not hub.go_live(self.room.pk, self):
                 await self._replay(hub.head(self.room.pk))
+                await self._replay_updates(hub.update_head(self.room.pk))
         except Detached:
             # Revoked or ended while catching up: nothing more to send.
             self.closing = True
@@ -230,18 +243,47 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _alive(self) -> bool:
         return not self._ended and not self.closing
 
-    def _query_after(self) -> tuple[int | None, str | None]:
+    def _query_int(self, name: str, error: str) -> tuple[int | None, str | None]:
+        """The non-negative integer query parameter ``name`` (None when absent), or ``error``."""
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-        values = query.get("after")
+        values = query.get(name)
         if not values:
             return None, None
         try:
-            after = int(values[0])
+            value = int(values[0])
         except ValueError:
-            return None, AFTER_ERROR
-        if after < 0:
-            return None, AFTER_ERROR
-        return after, None
+            return None, error
+        if value < 0:
+            return None, error
+        return value, None
+
+    async def _replay_changes(self, upto: int, upto_update: int) -> None:
+        """Resume: the changes of the messages the client has (seq <= ``last_sent``), then
+        the newer messages, which show their current text."""
+        # A client ahead of the server (database reset) starts again from upto_update.
+        self.last_update = min(self.last_update, upto_update)
+        await self._replay_updates(upto_update)
+        await self._replay(upto)
+        if not self.closing:
+            self.last_update = max(self.last_update, upto_update)
+
+    async def _replay_updates(self, upto: int) -> None:
+        """Send the changes after ``last_update`` up to ``upto`` of messages this socket has
+        sent (seq <= ``last_sent``), in update_seq order, in batches."""
+        batch = app_settings.REPLAY_BATCH_SIZE
+        while self.last_update < upto and not self.closing:
+            rows = await services.aupdate_frames(
+                self.room.pk, self.last_update, upto, self.last_sent, batch
+            )
+            if not rows or self.closing:
+                break
+            await self._write_paced(self._pack([enc for _, _, enc in rows]))
+            if self.closing:
+                break
+            self.last_update = rows[-1][0]
+        if not self.closing:
+            # The rest changed messages the client gets afterwards with their current text.
+            self.last_update = max(self.last_update, upto)
 
     async def _replay(self, upto: int) -> None:
         """Send every message after ``last_sent`` up to ``upto``, in batches, in order."""
@@ -334,7 +376,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _handle(self, frame: protocol.ClientFrame | protocol.FrameError) -> None:
         if isinstance(frame, protocol.FrameError):
-            self._error(frame.code, frame.message, frame.client_id)
+            self._error(frame.code, frame.message, frame.client_id, frame.seq)
         elif isinstance(frame, protocol.SendMessage):
             await self._handle_message(frame)
         elif isinstance(frame, protocol.Ping):
@@ -345,6 +387,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._handle_typing(frame)
         elif isinstance(frame, protocol.Read):
             await self._handle_read(frame)
+        elif isinstance(frame, protocol.Edit | protocol.Delete):
+            await self._handle_change(frame)
         elif isinstance(frame, protocol.AssistantStop):
             await assistant.request_stop(
                 frame.stream_id, self.user, self.room.pk, self._hub.channel or "", self.conn_id
@@ -384,6 +428,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if result.created and assistant.is_request(frame.text):
             await self._ask_assistant(result.message)
 
+    async def _handle_change(self, frame: protocol.Edit | protocol.Delete) -> None:
+        """Edit or delete a message; everybody (this socket too) gets its message_update."""
+        seq = frame.seq
+        if await quotas.edits.hit(self.user_id) > 0:
+            window = app_settings.EDIT_RATE_LIMIT_WINDOW_SECONDS
+            limit = app_settings.EDIT_RATE_LIMIT
+            message = f"At most {limit} edits and deletes per {window:g} s; retry later."
+            self._error(protocol.RATE_LIMITED, message, seq=seq)
+            return
+        try:
+            if isinstance(frame, protocol.Edit):
+                await services.aedit_message(self.room.pk, self.user, seq, frame.text)
+            else:
+                await services.adelete_message(self.room.pk, self.user, seq)
+        except services.MessageNotFound:
+            self._error(protocol.NOT_FOUND, f"No message {seq} in this room.", seq=seq)
+        except services.NotAuthor:
+            message = "Only its author (or staff) may change this message."
+            self._error(protocol.FORBIDDEN, message, seq=seq)
+        except services.Revoked:
+            self.revoke(protocol.CLOSE_FORBIDDEN)
+        except DatabaseError:
+            logger.exception("Changing message %s in room %s failed", seq, self.room.slug)
+            self._error(protocol.UNAVAILABLE, "The change could not be stored; retry.", seq=seq)
+
     def _rate_limited(self, cid: str | None) -> None:
         window = app_settings.RATE_LIMIT_WINDOW_SECONDS
         limit = app_settings.RATE_LIMIT_MESSAGES
@@ -399,17 +468,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def _handle_ping(self) -> None:
         try:
-            room_last = await services.arecent_last_seq(
+            room_last, room_update = await services.arecent_heads(
                 self.room.pk, app_settings.PONG_SEQ_MAX_AGE_SECONDS
             )
         except DatabaseError:
-            room_last = self.last_sent
+            room_last, room_update = self.last_sent, 0
+        # Changes the channel layer lost with nothing after them: the hub fills them in.
+        self._hub.note_update_head(self.room.pk, room_update)
         # Never report less than this socket already delivered (the value may be cached).
-        self._reply(protocol.pong_frame(max(room_last, self.last_sent)))
+        last = max(room_last, self.last_sent)
+        self._reply(protocol.pong_frame(last, self.last_update))
 
     async def _handle_resume(self, frame: protocol.Resume) -> None:
         try:
-            upto = await services.alast_seq(self.room.pk)
+            upto, upto_update = await services.aheads(self.room.pk)
         except DatabaseError:
             logger.exception("Resume in room %s failed", self.room.slug)
             self._error(protocol.UNAVAILABLE, "History is unavailable; retry.")
@@ -417,9 +489,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Off the hub while replaying: _catch_up goes live again once caught up.
         self.live = False
         target = max(self.last_sent, upto)
+        update_target = max(self.last_update, upto_update)
         self.last_sent = min(frame.after, target)
+        if frame.after_update is not None:
+            self.last_update = frame.after_update
         try:
-            await self._replay(target)
+            await self._replay_changes(target, update_target)
             await self._catch_up()
         except DatabaseError:
             logger.exception("Resume in room %s failed", self.room.slug)
@@ -494,10 +569,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- what the hub calls --------------------------------------------------------------
 
-    def deliver(self, messages: list[Packed], last_seq: int | None) -> None:
+    def deliver(
+        self, messages: list[Packed], last_seq: int | None, last_update: int | None = None
+    ) -> None:
         self._write(messages)
         if last_seq is not None and last_seq > self.last_sent:
             self.last_sent = last_seq
+        if last_update is not None and last_update > self.last_update:
+            self.last_update = last_update
         if self.presence_stale and not self.congested():
             self.presence_stale = False
             if self.presence is not None:
@@ -550,8 +629,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if hub is None or not hub.send_direct(self.room.pk, self.conn_id, enc, ack_seq):
             self._write(self._pack([enc]))
 
-    def _error(self, code: str, message: str, client_id: str | None = None) -> None:
-        self._reply(protocol.error_frame(code, message, client_id))
+    def _error(
+        self, code: str, message: str, client_id: str | None = None, seq: int | None = None
+    ) -> None:
+        self._reply(protocol.error_frame(code, message, client_id, seq))
 
     async def _send_presence(self, enc: Encoded) -> None:
         # Presence diffs are the first thing a falling-behind socket goes without: it gets the
@@ -578,7 +659,11 @@ def _one_resume(
     resumes = [f for f in frames if isinstance(f, protocol.Resume)]
     if len(resumes) <= 1:
         return frames
-    earliest = protocol.Resume(after=min(r.after for r in resumes))
+    update_afters = [r.after_update for r in resumes if r.after_update is not None]
+    earliest = protocol.Resume(
+        after=min(r.after for r in resumes),
+        after_update=min(update_afters) if update_afters else None,
+    )
     last = max(i for i, f in enumerate(frames) if isinstance(f, protocol.Resume))
     return [
         earliest if i == last else f

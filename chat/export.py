@@ -45,6 +45,8 @@ CSV_COLUMNS = (
     "client_id",
     "created_at",
     "status",
+    "edited_at",
+    "deleted",
 )
 # Spreadsheets evaluate a cell that starts with one of these (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -84,6 +86,8 @@ def csv_cells(frame: Mapping[str, Any]) -> list[Any]:
         neutralise_cell(frame["client_id"] or ""),
         frame["created_at"],
         frame.get("status", ""),
+        frame.get("edited_at") or "",
+        "true" if frame.get("deleted") else "false",
     ]
 
 
@@ -161,12 +165,23 @@ class _Row:
     client_id: str
     created_at: datetime
     status: str
+    edited_at: datetime | None
+    deleted: bool
+    update_seq: int
 
 
 def frame_from_values(row: Mapping[str, Any], room_slug: str, username_key: str) -> dict[str, Any]:
     """The message frame of one ``values()`` row (see ``row_fields``), via message_frame."""
     message = _Row(
-        row["id"], row["seq"], row["text"], row["client_id"], row["created_at"], row["status"]
+        row["id"],
+        row["seq"],
+        row["text"],
+        row["client_id"],
+        row["created_at"],
+        row["status"],
+        row["edited_at"],
+        row["deleted"],
+        row["update_seq"],
     )
     return protocol.message_frame(message, room_slug, _Author(row["user_id"], row[username_key]))
 
@@ -177,7 +192,19 @@ def username_key() -> str:
 
 
 def row_fields() -> tuple[str, ...]:
-    return ("seq", "id", "text", "client_id", "created_at", "status", "user_id", username_key())
+    return (
+        "seq",
+        "id",
+        "text",
+        "client_id",
+        "created_at",
+        "status",
+        "edited_at",
+        "deleted",
+        "update_seq",
+        "user_id",
+        username_key(),
+    )
 
 
 # --- the stream ----------------------------------------------------------------------------

@@ -16,6 +16,9 @@ class Room(models.Model):
     # Highest seq handed out in this room. Incremented under the room's row lock in the
     # same transaction as the insert, so a rolled-back send never leaves a gap.
     last_seq = models.PositiveBigIntegerField(default=0, editable=False)
+    # Highest update_seq handed out in this room: every edit or delete of one of its messages
+    # takes the next one, under the same row lock, so changes are ordered like messages.
+    last_update_seq = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -61,6 +64,13 @@ class Message(models.Model):
     # text stopped by a member, cut by an upstream failure or interrupted by a server restart.
     status = models.CharField(max_length=16, choices=Status, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # When the text last changed (an edit or the delete); None for a message never changed.
+    edited_at = models.DateTimeField(null=True, blank=True)
+    # A deleted message keeps its row and seq (seq stays gap-free); its text is emptied.
+    deleted = models.BooleanField(default=False)
+    # The room's update_seq of the latest change (0: never changed). Resumes replay the
+    # messages whose update_seq is above what the client has seen.
+    update_seq = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -72,7 +82,10 @@ class Message(models.Model):
                 name="chat_message_client_id",
             ),
         ]
-        indexes = [models.Index(fields=["user", "created_at"], name="chat_msg_user_created")]
+        indexes = [
+            models.Index(fields=["user", "created_at"], name="chat_msg_user_created"),
+            models.Index(fields=["room", "update_seq"], name="chat_msg_room_update"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.room}#{self.seq}"

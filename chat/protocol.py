@@ -23,6 +23,9 @@ TOO_LONG = "too_long"
 TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 UNAVAILABLE = "unavailable"
+# Edits and deletes: not the author (nor staff), or no such message (or already deleted).
+FORBIDDEN = "forbidden"
+NOT_FOUND = "not_found"
 
 # WebSocket close codes (4000-4999 are for applications). Clients must not reconnect on 44xx.
 CLOSE_UNAUTHENTICATED = 4401
@@ -42,11 +45,14 @@ CLOSE_TRY_AGAIN = 1013
 EVENT_MESSAGE = "chat.message"
 EVENT_TYPING = "chat.typing"
 EVENT_READ = "chat.read"
+EVENT_UPDATE = "chat.message_update"
 EVENT_ASSISTANT = "assistant.frame"
 EVENT_REVOKE = "chat.revoke"
 EVENT_RECHECK = "chat.recheck"
 
 MAX_CLIENT_ID_LENGTH = 64
+# Largest seq or update_seq (a PostgreSQL bigint).
+MAX_SEQ = 2**63 - 1
 # Opt-in binary encoding (Sec-WebSocket-Protocol); without it frames are JSON text.
 SUBPROTOCOL_MSGPACK = "chat.v1.msgpack"
 # A message frame without its text, worst case: a 150-character username and a 64-character
@@ -79,6 +85,19 @@ class Ping:
 @dataclass(frozen=True)
 class Resume:
     after: int
+    # The highest update_seq the client has seen; None: replay no updates (older clients).
+    after_update: int | None = None
+
+
+@dataclass(frozen=True)
+class Edit:
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,8 @@ class FrameError:
     code: str
     message: str
     client_id: str | None = None
+    # The message an edit or delete was about, echoed in the error frame.
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,7 @@ class AssistantStop:
     stream_id: str
 
 
-ClientFrame = SendMessage | Ping | Resume | Typing | Read | AssistantStop
+ClientFrame = SendMessage | Ping | Resume | Typing | Read | AssistantStop | Edit | Delete
 
 
 class ProtocolError(Exception):
@@ -143,27 +164,63 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
     text = obj.get("text")
     if not isinstance(text, str):
         return FrameError(BAD_FRAME, "text must be a string.", cid)
-    if not text.strip():
-        return FrameError(BAD_FRAME, "text must not be empty.", cid)
-    if len(text) > limits.max_text_length:
-        return FrameError(
-            TOO_LONG, f"text is longer than {limits.max_text_length} characters.", cid
-        )
-    if not _storable(text):
-        return FrameError(BAD_FRAME, "text must be valid Unicode text without NUL.", cid)
-    if encoded_text_bytes(text) > limits.max_text_bytes:
-        return FrameError(
-            TOO_LONG, f"text is larger than {limits.max_text_bytes} bytes once encoded.", cid
-        )
+    problem = _text_problem(text, limits)
+    if problem is not None:
+        return FrameError(problem[0], problem[1], cid)
     return SendMessage(text=text, client_id=client_id)
 
 
-def _parse_resume(obj: dict[str, Any]) -> Resume | FrameError:
-    after = obj.get("after")
+def _text_problem(text: str, limits: Limits) -> tuple[str, str] | None:
+    """(code, message) when ``text`` may not be stored as a message text, else None."""
+    if not text.strip():
+        return BAD_FRAME, "text must not be empty."
+    if len(text) > limits.max_text_length:
+        return TOO_LONG, f"text is longer than {limits.max_text_length} characters."
+    if not _storable(text):
+        return BAD_FRAME, "text must be valid Unicode text without NUL."
+    if encoded_text_bytes(text) > limits.max_text_bytes:
+        return TOO_LONG, f"text is larger than {limits.max_text_bytes} bytes once encoded."
+    return None
+
+
+def _seq_field(obj: dict[str, Any], name: str, minimum: int) -> int | None:
+    value = obj.get(name)
     # bool is a subclass of int, but true is not a sequence number.
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        return None
+    return value
+
+
+def _parse_edit(obj: dict[str, Any], limits: Limits) -> Edit | FrameError:
+    seq = _seq_field(obj, "seq", 1)
+    if seq is None:
+        return FrameError(BAD_FRAME, "seq must be a positive integer.")
+    text = obj.get("text")
+    if not isinstance(text, str):
+        return FrameError(BAD_FRAME, "text must be a string.", seq=seq)
+    problem = _text_problem(text, limits)
+    if problem is not None:
+        return FrameError(problem[0], problem[1], seq=seq)
+    return Edit(seq=seq, text=text)
+
+
+def _parse_delete(obj: dict[str, Any]) -> Delete | FrameError:
+    seq = _seq_field(obj, "seq", 1)
+    if seq is None:
+        return FrameError(BAD_FRAME, "seq must be a positive integer.")
+    return Delete(seq=seq)
+
+
+def _parse_resume(obj: dict[str, Any]) -> Resume | FrameError:
+    after = _seq_field(obj, "after", 0)
+    if after is None:
         return FrameError(BAD_FRAME, "after must be a non-negative integer.")
-    return Resume(after=after)
+    if obj.get("after_update") is None:
+        return Resume(after=after)
+    after_update = _seq_field(obj, "after_update", 0)
+    if after_update is None:
+        return FrameError(BAD_FRAME, "after_update must be a non-negative integer.")
+    return Resume(after=after, after_update=after_update)
 
 
 def _parse_typing(obj: dict[str, Any]) -> Typing | FrameError:
@@ -204,6 +261,10 @@ def parse_frame(obj: Any, limits: Limits) -> ClientFrame | FrameError:
         return _parse_read(obj)
     if frame_type == "assistant.stop":
         return _parse_assistant_stop(obj)
+    if frame_type == "edit":
+        return _parse_edit(obj, limits)
+    if frame_type == "delete":
+        return _parse_delete(obj)
     if not isinstance(frame_type, str):
         return FrameError(BAD_FRAME, "A frame needs a string 'type'.")
     return FrameError(BAD_FRAME, f"Unknown frame type {frame_type[:40]!r}.")
@@ -266,6 +327,21 @@ class MessageLike(Protocol):
     def created_at(self) -> datetime: ...
 
 
+class ChangeLike(Protocol):
+    """A message as its changes are described (``chat.models.Message``)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def edited_at(self) -> datetime | None: ...
+    @property
+    def deleted(self) -> bool: ...
+    @property
+    def update_seq(self) -> int: ...
+
+
 def user_frame(user: UserLike) -> dict[str, Any]:
     # get_username() honours custom user models whose USERNAME_FIELD is not "username".
     return {"id": user.pk, "username": user.get_username()}
@@ -287,7 +363,43 @@ def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[
     status = getattr(message, "status", "")
     if status:
         frame["status"] = status
+    # Only messages changed since they were sent carry their change (edited or deleted):
+    # the frame then shows the current text, and update_seq says which change that is.
+    update_seq = getattr(message, "update_seq", 0)
+    if update_seq:
+        frame.update(_change_fields(message))
     return frame
+
+
+def _change_fields(message: Any) -> dict[str, Any]:
+    edited_at = message.edited_at
+    return {
+        "edited_at": edited_at.isoformat() if edited_at is not None else None,
+        "deleted": bool(message.deleted),
+        "update_seq": message.update_seq,
+    }
+
+
+def message_update_frame(message: ChangeLike) -> dict[str, Any]:
+    """The change of a message (edit or delete) as every socket of the room gets it."""
+    return {
+        "type": "message_update",
+        "seq": message.seq,
+        "text": "" if message.deleted else message.text,
+        **_change_fields(message),
+    }
+
+
+def message_update_encoded(message: ChangeLike, max_bytes: int) -> Encoded:
+    """``message_update`` encoded once, cut to ``max_bytes`` like ``message_encoded``."""
+    frame = message_update_frame(message)
+    enc = Encoded.of(frame)
+    if enc.size <= max_bytes:
+        return enc
+    frame["truncated"] = True
+    room = max(0, max_bytes - (enc.size - encoded_text_bytes(frame["text"])) - 32)
+    frame["text"] = text_within(frame["text"], room)
+    return Encoded.of(frame)
 
 
 def message_encoded(
@@ -308,24 +420,38 @@ def message_encoded(
     return Encoded.of(frame)
 
 
-def hello_frame(room_slug: str, user: UserLike, last_seq: int) -> dict[str, Any]:
-    return {"type": "hello", "room": room_slug, "user": user_frame(user), "last_seq": last_seq}
+def hello_frame(
+    room_slug: str, user: UserLike, last_seq: int, last_update_seq: int = 0
+) -> dict[str, Any]:
+    return {
+        "type": "hello",
+        "room": room_slug,
+        "user": user_frame(user),
+        "last_seq": last_seq,
+        "last_update_seq": last_update_seq,
+    }
 
 
 def ack_frame(client_id: str, seq: int) -> dict[str, Any]:
     return {"type": "ack", "client_id": client_id or None, "seq": seq}
 
 
-def pong_frame(last_seq: int) -> dict[str, Any]:
+def pong_frame(last_seq: int, last_update_seq: int = 0) -> dict[str, Any]:
     # Carrying the room's last seq lets a client notice a broadcast it never got (the Redis
     # layer delivers at most once) and ask to resume, even when no later message comes.
-    return {"type": "pong", "last_seq": last_seq}
+    # last_update_seq is this socket's own: every change up to it reached the client before
+    # the pong, so a client may resume from it (the server recovers lost changes itself).
+    return {"type": "pong", "last_seq": last_seq, "last_update_seq": last_update_seq}
 
 
-def error_frame(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
+def error_frame(
+    code: str, message: str, client_id: str | None = None, seq: int | None = None
+) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if client_id:
         frame["client_id"] = client_id
+    if seq is not None:
+        frame["seq"] = seq
     return frame
 
 

@@ -10,6 +10,8 @@ windows. Every key is named here, under ``CHAT_REDIS_KEY_PREFIX``:
 - ``<prefix>:assistant-replies:<user id>``: running room replies (``room_replies``).
 - ``<prefix>:panel-streams:<user id>``: open private panel streams (``panel_streams``).
 - ``<prefix>:panel-starts:<user id>``: panel starts in the rate window (``panel_starts``).
+- ``<prefix>:edits:<user id>``: message edits and deletes in the rate window (``edits``).
+  Fails **open**: an edit costs one small transaction, like a message.
 
 The three assistant limits fail **closed** (``StoreUnavailable``; callers answer
 ``unavailable``): each admitted request costs a model call, and an outage of the store must
@@ -40,6 +42,7 @@ __all__ = [
     "Refused",
     "StoreUnavailable",
     "acquire_panel_stream",
+    "edits",
     "panel_starts",
     "panel_streams",
     "room_replies",
@@ -79,6 +82,14 @@ panel_starts = UserRate(
     limit=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT,
     window_seconds=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS,
     fail_open=False,
+)
+
+edits = UserRate(
+    "edits",
+    store=_store,
+    limit=lambda: app_settings.EDIT_RATE_LIMIT,
+    window_seconds=lambda: app_settings.EDIT_RATE_LIMIT_WINDOW_SECONDS,
+    fail_open=True,
 )
 
 

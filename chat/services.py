@@ -61,6 +61,14 @@ class Revoked(Exception):
     """The user may no longer post here (removed from a private room, or deactivated)."""
 
 
+class MessageNotFound(Exception):
+    """No message with this seq in the room, or it was deleted already."""
+
+
+class NotAuthor(Exception):
+    """Only a message's author (or staff) may edit or delete it."""
+
+
 def visible_rooms(user: AnyUser) -> QuerySet[Room]:
     """Rooms the user may enter: every public room and the private ones they belong to."""
     if not user.is_authenticated:
@@ -85,20 +93,34 @@ def last_seq(room_id: int) -> int:
     return Room.objects.values_list("last_seq", flat=True).get(pk=room_id)
 
 
-# room id -> (last seq, monotonic time read): one query per room per interval and process,
-# however many sockets ping.
-_last_seq_cache: dict[int, tuple[int, float]] = {}
+def last_update_seq(room_id: int) -> int:
+    return Room.objects.values_list("last_update_seq", flat=True).get(pk=room_id)
+
+
+def heads(room_id: int) -> tuple[int, int]:
+    """The room's (last seq, last update_seq), read together."""
+    return Room.objects.values_list("last_seq", "last_update_seq").get(pk=room_id)
+
+
+# room id -> (last seq, last update_seq, monotonic time read): one query per room per
+# interval and process, however many sockets ping.
+_heads_cache: dict[int, tuple[int, int, float]] = {}
+
+
+async def arecent_heads(room_id: int, max_age_seconds: float) -> tuple[int, int]:
+    """The room's ``heads``, read from the database at most once per ``max_age_seconds``."""
+    now = time.monotonic()
+    cached = _heads_cache.get(room_id)
+    if cached is not None and now - cached[2] < max_age_seconds:
+        return cached[0], cached[1]
+    seq, update_seq = await aheads(room_id)
+    _heads_cache[room_id] = (seq, update_seq, now)
+    return seq, update_seq
 
 
 async def arecent_last_seq(room_id: int, max_age_seconds: float) -> int:
     """The room's last seq, read from the database at most once per ``max_age_seconds``."""
-    now = time.monotonic()
-    cached = _last_seq_cache.get(room_id)
-    if cached is not None and now - cached[1] < max_age_seconds:
-        return cached[0]
-    value = await alast_seq(room_id)
-    _last_seq_cache[room_id] = (value, now)
-    return value
+    return (await arecent_heads(room_id, max_age_seconds))[0]
 
 
 @dataclass(frozen=True)
@@ -138,6 +160,12 @@ def _refusals(room: Room, requests: Sequence[PostRequest]) -> dict[int, Exceptio
             )
         )
     return {uid: Revoked() for uid in ids if uid not in active}
+
+
+def _check_access(room: Room, user: User) -> None:
+    """Raise Revoked if ``user`` may no longer change things in ``room`` (locks their row)."""
+    if _refusals(room, [PostRequest(user, "")]):
+        raise Revoked()
 
 
 def _recent_counts(requests: Sequence[PostRequest]) -> dict[int, int]:
@@ -268,6 +296,96 @@ def post_message(
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+def edit_message(room_id: int, user: User, seq: int, text: str) -> Message:
+    """Replace the text of message ``seq``: its author's, or any for staff.
+
+    Raises MessageNotFound (none, or deleted), NotAuthor, Revoked, DatabaseError.
+    """
+    return _change(room_id, seq, text, user=user)
+
+
+def delete_message(room_id: int, user: User, seq: int) -> Message:
+    """Mark message ``seq`` deleted (its row and seq stay; its text is emptied)."""
+    return _change(room_id, seq, None, user=user)
+
+
+def staff_edit_message(message_id: int, text: str) -> Message:
+    """Edit from the admin (or a shell): no author check, the same broadcast."""
+    room_id, seq = Message.objects.values_list("room_id", "seq").get(pk=message_id)
+    return _change(room_id, seq, text, user=None)
+
+
+def staff_delete_message(message_id: int) -> Message | None:
+    """Delete from the admin: the row is kept (seq stays gap-free). None if already deleted."""
+    room_id, seq = Message.objects.values_list("room_id", "seq").get(pk=message_id)
+    try:
+        return _change(room_id, seq, None, user=None)
+    except MessageNotFound:
+        return None
+
+
+def _change(room_id: int, seq: int, text: str | None, *, user: User | None) -> Message:
+    """Edit (``text``) or delete (None) a message and broadcast its ``message_update``
+    after commit. ``user`` None: staff tools, no access or author check."""
+    with transaction.atomic():
+        # The room's row lock orders this change among all changes of the room (all
+        # processes): update_seq is handed out in commit order, like seq.
+        room = (
+            Room.objects.select_for_update()
+            .only("id", "is_private", "last_update_seq")
+            .get(pk=room_id)
+        )
+        if user is not None:
+            _check_access(room, user)
+        message = Message.objects.filter(room=room, seq=seq).first()
+        if message is None or message.deleted:
+            raise MessageNotFound(seq)
+        if user is not None and message.user_id != user.pk and not user.is_staff:
+            raise NotAuthor(seq)
+        update_seq = room.last_update_seq + 1
+        Room.objects.filter(pk=room.pk).update(last_update_seq=update_seq)
+        message.update_seq = update_seq
+        message.edited_at = timezone.now()
+        if text is None:
+            message.deleted = True
+            message.text = ""
+        else:
+            message.text = text
+        message.save(update_fields=["text", "deleted", "edited_at", "update_seq"])
+        enc = protocol.message_update_encoded(message, app_settings.MAX_SEND_BYTES)
+        event = {
+            "type": protocol.EVENT_UPDATE,
+            "seq": seq,
+            "update_seq": update_seq,
+            "text": enc.text,
+            "size": enc.size,
+        }
+        transaction.on_commit(lambda: broadcast(room.pk, event), robust=True)
+    return message
+
+
+def update_frames(
+    room_id: int, after: int, upto: int, max_seq: int, limit: int
+) -> list[tuple[int, int, protocol.Encoded]]:
+    """(update_seq, seq, encoded ``message_update``) of the messages of seq <= ``max_seq``
+    whose latest change has ``after < update_seq <= upto``, in update_seq order, at most
+    ``limit``. Several changes of one message are one frame: its current state."""
+    rows = (
+        Message.objects.filter(
+            room_id=room_id, update_seq__gt=after, update_seq__lte=upto, seq__lte=max_seq
+        )
+        .only("seq", "text", "edited_at", "deleted", "update_seq")
+        .order_by("update_seq")[:limit]
+    )
+    budget = app_settings.MAX_SEND_BYTES
+    return [(m.update_seq, m.seq, protocol.message_update_encoded(m, budget)) for m in rows]
+
+
+def encoded_updates(room_id: int, after: int, upto: int) -> list[tuple[int, int, protocol.Encoded]]:
+    """``update_frames`` of every message, a batch (the room hub fills its gaps with it)."""
+    return update_frames(room_id, after, upto, protocol.MAX_SEQ, app_settings.REPLAY_BATCH_SIZE)
 
 
 def broadcast(room_id: int, event: dict[str, Any]) -> None:
@@ -431,6 +549,12 @@ aget_room_for = database_sync_to_async(get_room_for)
 aallowed_users = database_sync_to_async(allowed_users)
 aencoded_messages = database_sync_to_async(encoded_messages)
 alast_seq = database_sync_to_async(last_seq)
+alast_update_seq = database_sync_to_async(last_update_seq)
+aheads = database_sync_to_async(heads)
+aedit_message = database_sync_to_async(edit_message)
+adelete_message = database_sync_to_async(delete_message)
+aupdate_frames = database_sync_to_async(update_frames)
+aencoded_updates = database_sync_to_async(encoded_updates)
 apost_message = database_sync_to_async(post_message)
 apost_messages = database_sync_to_async(post_messages)
 amessage_frames = database_sync_to_async(message_frames)

@@ -521,7 +521,7 @@ async def recv_frames(ws: ClientConnection, timeout: float = 5.0) -> list[dict[s
 
 # The frames of the message protocol these helpers test. Clients ignore other frame types
 # (presence, typing, read markers belong to other features), so the chat helpers skip them.
-CHAT_FRAME_TYPES = frozenset({"hello", "message", "ack", "pong", "error"})
+CHAT_FRAME_TYPES = frozenset({"hello", "message", "message_update", "ack", "pong", "error"})
 
 
 async def recv_chat_frames(

@@ -390,7 +390,7 @@ def test_a_gap_is_replayed_before_anything_after_it_is_rendered(
     fake.add(4, "message 4")
     fake.send(fake.add(5, "message 5"))  # live 5 overtakes 4
     expect(page.locator(CONFIRMED_TEXTS)).to_have_text(texts(1, 5))
-    assert fake.frames_of_type("resume") == [{"type": "resume", "after": 3}]
+    assert fake.frames_of_type("resume") == [{"type": "resume", "after": 3, "after_update": 0}]
     assert rendered_seqs(page) == [1, 2, 3, 4, 5]
 
     # Duplicates (a replay overlapping live frames) are dropped.
@@ -421,7 +421,7 @@ def test_reconnect_resumes_after_the_last_seq_and_reloads_after_a_database_reset
     fake.add(6, "message 6")
     expect(page.locator(CONFIRMED_TEXTS)).to_have_text(texts(1, 6))
     assert len(fake.sockets) == 2
-    assert fake.sockets[1].url.endswith("/ws/chat/lobby/?after=5")
+    assert fake.sockets[1].url.endswith("/ws/chat/lobby/?after=5&after_update=0")
 
     # The database was reset: the server's last_seq (2) is below what the page has shown (6).
     fake.store.clear()
@@ -429,8 +429,8 @@ def test_reconnect_resumes_after_the_last_seq_and_reloads_after_a_database_reset
     fake.add(2, "new 2")
     fake.sockets[-1].close(code=1012, reason="restart")
     expect(page.locator(CONFIRMED_TEXTS)).to_have_text(["new 1", "new 2"])
-    assert fake.sockets[-1].url.endswith("?after=6")
-    assert fake.frames_of_type("resume")[-1] == {"type": "resume", "after": 0}
+    assert fake.sockets[-1].url.endswith("?after=6&after_update=0")
+    assert fake.frames_of_type("resume")[-1] == {"type": "resume", "after": 0, "after_update": 0}
     expect(page.get_by_test_id("notice")).to_contain_text("reset")
 
 
@@ -441,7 +441,7 @@ def test_a_silent_connection_is_dropped_and_replaced(
     fake.muted.add(0)  # the first socket stops answering pings: a half-open connection
     page.wait_for_function("window.chatClient.sessions >= 2")
     expect_state(page, "connected")
-    assert fake.sockets[1].url.endswith("?after=2")
+    assert fake.sockets[1].url.endswith("?after=2&after_update=0")
     send(page, "after the reconnect")
     expect(page.locator(CONFIRMED_TEXTS)).to_have_text([*texts(1, 2), "after the reconnect"])
 
@@ -519,4 +519,4 @@ def test_online_and_visible_events_reconnect_at_once(
         page.evaluate(f"{target}.dispatchEvent({event})")
         expect_state(page, "connected")
         assert len(fake.sockets) == sockets + 1
-        assert fake.sockets[-1].url.endswith("?after=1")
+        assert fake.sockets[-1].url.endswith("?after=1&after_update=0")

@@ -152,6 +152,7 @@ async def test_hello_history_ack_and_broadcast(alice: User, bob: User, lobby: Ro
         "room": "lobby",
         "user": {"id": alice.pk, "username": "alice"},
         "last_seq": 0,
+        "last_update_seq": 0,
     }
     b = await connected(bob, "lobby")
 
@@ -239,10 +240,10 @@ async def stored_texts_eventually(room: Room, count: int) -> list[str]:
 async def test_ping_pong_and_batched_frames(alice: User, lobby: Room) -> None:
     comm = await connected(alice, "lobby")
     await send(comm, {"type": "ping"})
-    assert await frame(comm) == {"type": "pong", "last_seq": 0}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0, "last_update_seq": 0}
     await send(comm, [{"type": "ping"}, {"type": "ping"}])
-    assert await frame(comm) == {"type": "pong", "last_seq": 0}
-    assert await frame(comm) == {"type": "pong", "last_seq": 0}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0, "last_update_seq": 0}
+    assert await frame(comm) == {"type": "pong", "last_seq": 0, "last_update_seq": 0}
     await comm.disconnect()
 
 
@@ -271,7 +272,7 @@ async def test_bad_input_is_answered_and_socket_stays_open(
     received = await frames(comm)
     while received[0]["type"] == "error":  # "[1,2]" yields one error per frame
         received = await frames(comm)
-    assert received == [{"type": "pong", "last_seq": 0}]
+    assert received == [{"type": "pong", "last_seq": 0, "last_update_seq": 0}]
     assert await stored_texts(lobby) == []
     await comm.disconnect()
 
@@ -383,7 +384,7 @@ async def test_pong_reports_the_room_last_seq_so_clients_detect_lost_broadcasts(
     await store_silently(lobby, alice, 2)
     with override_settings(CHAT_PONG_SEQ_MAX_AGE_SECONDS=0):
         await send(comm, {"type": "ping"})
-        assert await frame(comm) == {"type": "pong", "last_seq": 2}
+        assert await frame(comm) == {"type": "pong", "last_seq": 2, "last_update_seq": 0}
     await send(comm, {"type": "resume", "after": 0})
     assert [m["seq"] for m in await frames(comm)] == [1, 2]
     await comm.disconnect()

@@ -77,7 +77,7 @@ async def test_hello_frame_shape(daphne: DaphneServer) -> None:
     frames = await recv_frames(ws)
     assert len(frames) == 1
     hello = frames[0]
-    assert set(hello) == {"type", "room", "user", "last_seq"}
+    assert set(hello) == {"type", "room", "user", "last_seq", "last_update_seq"}
     assert hello["type"] == "hello"
     assert hello["room"] == "lobby"
     assert set(hello["user"]) == {"id", "username"}
@@ -86,7 +86,7 @@ async def test_hello_frame_shape(daphne: DaphneServer) -> None:
     assert hello["last_seq"] == 0
     # An empty room sends no history: the next frame answers our ping.
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0, "last_update_seq": 0}]
     await ws.close()
 
 
@@ -301,21 +301,25 @@ async def test_ping_pong(daphne: DaphneServer) -> None:
     await recv_chat_frames(ws)
     for _ in range(3):
         await ws.send('{"type":"ping"}')
-        assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
+        assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0, "last_update_seq": 0}]
     # The pong's last_seq is never below what this socket delivered.
     client = ChatClient(ws)
     await client.post("hi", "c1")
     await client.wait_seq(1)
     await client.send({"type": "ping"})
-    assert await client.wait_for(lambda f: f["type"] == "pong") == {"type": "pong", "last_seq": 1}
+    assert await client.wait_for(lambda f: f["type"] == "pong") == {
+        "type": "pong",
+        "last_seq": 1,
+        "last_update_seq": 0,
+    }
     await ws.close()
 
 
 async def test_array_of_client_frames(daphne: DaphneServer, sqlite_env: dict[str, str]) -> None:
     alice = await ChatClient.open(daphne, await login(daphne.base_url, "alice"))
     await alice.ws.send('[{"type":"ping"},{"type":"ping"}]')
-    assert await alice.next_frame() == {"type": "pong", "last_seq": 0}
-    assert await alice.next_frame() == {"type": "pong", "last_seq": 0}
+    assert await alice.next_frame() == {"type": "pong", "last_seq": 0, "last_update_seq": 0}
+    assert await alice.next_frame() == {"type": "pong", "last_seq": 0, "last_update_seq": 0}
 
     # Frames are handled in order, and a bad one does not stop the others.
     batch = [
@@ -473,7 +477,7 @@ async def test_rejected_frame(
     assert error.get("client_id") == client_id
     # The socket stays open and usable.
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0, "last_update_seq": 0}]
     await ws.close()
     assert stored_last_seq(shared_env) == before == 0
     assert stored(shared_env) == []
@@ -512,7 +516,7 @@ async def test_too_large_below_daphne_limit(
     frames = await recv_chat_frames(ws)
     assert [(f["type"], f["code"]) for f in frames] == [("error", "too_large")]
     await ws.send('{"type":"ping"}')
-    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0}]
+    assert await recv_chat_frames(ws) == [{"type": "pong", "last_seq": 0, "last_update_seq": 0}]
     assert stored(sqlite_env) == []
     await ws.close()
 

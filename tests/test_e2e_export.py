@@ -139,6 +139,8 @@ def csv_rows(body: bytes) -> list[list[str]]:
         "client_id",
         "created_at",
         "status",
+        "edited_at",
+        "deleted",
     ]
     return rows[1:]
 
@@ -159,6 +161,8 @@ def expected_csv(frame: dict[str, Any]) -> list[str]:
         safe(frame["client_id"] or ""),
         frame["created_at"],
         frame.get("status", ""),
+        frame.get("edited_at") or "",
+        "true" if frame.get("deleted") else "false",
     ]
 
 

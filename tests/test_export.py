@@ -67,7 +67,7 @@ def test_csv_header_has_bom_and_columns() -> None:
 
 def test_csv_row_fields_follow_the_frame() -> None:
     data = export.encode_csv([frame(seq=5, text="hi", client_id="c-1")])
-    assert data == b"5,105,lobby,7,alice,hi,c-1,2026-11-21T06:00:00.123456+00:00,\r\n"
+    assert data == b"5,105,lobby,7,alice,hi,c-1,2026-11-21T06:00:00.123456+00:00,,,false\r\n"
 
 
 def test_csv_status_of_an_assistant_reply() -> None:

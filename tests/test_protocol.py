@@ -125,15 +125,16 @@ def test_message_frame_shape() -> None:
 
 
 def test_server_frames() -> None:
-    assert protocol.hello_frame("lobby", _user(), 9) == {
+    assert protocol.hello_frame("lobby", _user(), 9, 4) == {
         "type": "hello",
         "room": "lobby",
         "user": {"id": 3, "username": "alice"},
         "last_seq": 9,
+        "last_update_seq": 4,
     }
     assert protocol.ack_frame("c1", 5) == {"type": "ack", "client_id": "c1", "seq": 5}
     assert protocol.ack_frame("", 5)["client_id"] is None
-    assert protocol.pong_frame(7) == {"type": "pong", "last_seq": 7}
+    assert protocol.pong_frame(7, 2) == {"type": "pong", "last_seq": 7, "last_update_seq": 2}
     assert protocol.error_frame("bad_json", "nope") == {
         "type": "error",
         "code": "bad_json",

@@ -17,6 +17,15 @@ hub, in order; a frame at or below ``last_sent`` is skipped per socket.
 Out-of-order arrivals (two processes publishing concurrently) are held for
 ``gap_grace_seconds``: usually the missing seq arrives meanwhile. Otherwise the gap is read from
 the database; if that fails, the hub moves on and sockets see the jump (clients resume by seq).
+
+Changes of messages (edits, deletes: ``message_update``) have their own per-room order,
+``update_seq``, and the same treatment: forwarded in update_seq order (``update_head``), held
+while one is missing, filled from the database after the grace (the database holds each
+message's latest change, so a fill sends current states). An update is also held until the
+message it changes has been forwarded (``head`` >= its seq): no socket gets an update before
+its message. A socket goes live once it has reached both heads; per socket, an update at or
+below its ``last_update`` is skipped. A change lost by the channel layer with nothing after it
+is recovered when a socket's ping reads a higher ``last_update_seq`` (``note_update_head``).
 """
 
 from __future__ import annotations
@@ -75,7 +84,12 @@ class Member(Protocol):
     # Frames as MessagePack (the chat.v1.msgpack subprotocol) instead of JSON text.
     msgpack: bool
 
-    def deliver(self, messages: list[Packed], last_seq: int | None) -> None: ...
+    # Highest update_seq this socket has been sent (or was read past) by its catch-up.
+    last_update: int
+
+    def deliver(
+        self, messages: list[Packed], last_seq: int | None, last_update: int | None = None
+    ) -> None: ...
     def congested(self) -> bool: ...
     def backlog_bytes(self) -> int: ...
     def revoke(self, code: int) -> None: ...
@@ -91,6 +105,9 @@ class Item:
     ephemeral: bool = False
     # The socket (conn_id) that sent this message: it gets its ack first.
     origin: str | None = None
+    # A message_update: its place in the room's order of changes, and the message it changes.
+    update_seq: int | None = None
+    about_seq: int = 0
 
 
 @dataclass
@@ -103,6 +120,8 @@ class _Wait:
 
 
 Loader = Callable[[int, int, int], Awaitable[list[tuple[int, Encoded]]]]
+# Room id, after, upto -> (update_seq, seq, encoded message_update), in update_seq order.
+UpdateLoader = Callable[[int, int, int], Awaitable[list[tuple[int, int, Encoded]]]]
 HeadReader = Callable[[int], Awaitable[int]]
 # Room id, user ids -> those still allowed in the room (None: the room is gone).
 AccessReader = Callable[[int, set[int]], Awaitable[set[int] | None]]
@@ -128,6 +147,14 @@ class _Room:
     # conn_id -> seqs acked to that socket whose message it has not been sent yet.
     acked: dict[str, set[int]] = field(default_factory=dict)
     waits: dict[str, _Wait] = field(default_factory=dict)
+    # The same for changes: highest update_seq forwarded in order, those held back, and the
+    # highest update_seq known to exist (every missing one up to it is filled or skipped).
+    update_head: int = 0
+    held_updates: dict[int, Item] = field(default_factory=dict)
+    update_known: int = 0
+    update_skip_to: int = 0
+    update_gap_handle: asyncio.TimerHandle | None = None
+    update_filling: bool = False
 
 
 class RoomHub:
@@ -142,10 +169,14 @@ class RoomHub:
         batch_window_seconds: float,
         gap_grace_seconds: float,
         send_window: SlidingWindow | None = None,
+        load_updates: UpdateLoader | None = None,
+        read_update_head: HeadReader | None = None,
     ) -> None:
         self.layer = layer
         self.load_messages = load_messages
+        self.load_updates = load_updates
         self.read_head = read_head
+        self.read_update_head = read_update_head
         self.allowed_users = allowed_users
         self.budget_bytes = budget_bytes
         self.batch_window_seconds = batch_window_seconds
@@ -189,7 +220,11 @@ class RoomHub:
     async def _subscribe(self, room: _Room) -> None:
         await self.layer.group_add(room_group(room.id), self._channel())
         room.subscribed = True
-        # Read after subscribing: every seq committed later arrives live.
+        # Read after subscribing: every seq committed later arrives live. Changes first: a
+        # change is committed after its message, so every change at or below update_head is
+        # about a message at or below head (no socket skips a change it cannot have seen).
+        if self.read_update_head is not None:
+            room.update_head = room.update_skip_to = await self.read_update_head(room.id)
         room.head = await self.read_head(room.id)
         room.ready = True
         early, room.early = room.early, []
@@ -225,7 +260,7 @@ class RoomHub:
                 return
             del self.rooms[room.id]
             metrics().rooms_with_sockets.set(len(self.rooms))
-            for handle in (room.flush_handle, room.gap_handle):
+            for handle in (room.flush_handle, room.gap_handle, room.update_gap_handle):
                 if handle is not None:
                     handle.cancel()
             if room.subscribed and self.channel is not None:
@@ -238,12 +273,16 @@ class RoomHub:
         room = self.rooms.get(room_id)
         return room.head if room is not None else 0
 
+    def update_head(self, room_id: int) -> int:
+        room = self.rooms.get(room_id)
+        return room.update_head if room is not None else 0
+
     def go_live(self, room_id: int, member: Member) -> bool:
         """Make ``member`` live if it has caught up with the room; False: catch up more."""
         room = self.rooms.get(room_id)
         if room is None or room.members.get(member.conn_id) is not member:
             raise Detached(member.conn_id)
-        if room.ready and member.last_sent < room.head:
+        if room.ready and (member.last_sent < room.head or member.last_update < room.update_head):
             return False
         member.live = True
         return True
@@ -359,6 +398,9 @@ class RoomHub:
         if kind == protocol.EVENT_MESSAGE:
             seq = int(event["seq"])
             self._on_message(room, seq, Item(enc, seq=seq, origin=event.get("origin")))
+        elif kind == protocol.EVENT_UPDATE:
+            update_seq = int(event["update_seq"])
+            self._on_update(room, Item(enc, update_seq=update_seq, about_seq=int(event["seq"])))
         elif kind == protocol.EVENT_TYPING:
             self._append(room, Item(enc, exclude_user=event.get("user_id"), ephemeral=True))
         elif kind in (protocol.EVENT_READ, protocol.EVENT_ASSISTANT):
@@ -373,6 +415,7 @@ class RoomHub:
             self._append(room, item)
             room.head = seq
             self._release_held(room)
+            self._release_updates(room)
             return
         room.held[seq] = item
         if room.filling:
@@ -411,6 +454,7 @@ class RoomHub:
                     if seq > room.head:
                         self._append(room, Item(enc, seq=seq))
                         room.head = seq
+                self._release_updates(room)
         except DatabaseError:
             logger.warning("Filling a gap in room %s failed; clients resume", room.id)
         except Exception:
@@ -424,6 +468,100 @@ class RoomHub:
                 self._release_held(room)
                 if room.held:
                     self._start_fill(room)
+            self._release_updates(room)
+
+    # --- ordering changes ------------------------------------------------------------------
+
+    def _on_update(self, room: _Room, item: Item) -> None:
+        update_seq = item.update_seq or 0
+        if update_seq <= room.update_head or update_seq in room.held_updates:
+            return
+        room.held_updates[update_seq] = item
+        room.update_known = max(room.update_known, update_seq)
+        self._release_updates(room)
+
+    def note_update_head(self, room_id: int, update_seq: int) -> None:
+        """The database says changes up to ``update_seq`` exist (read by a socket's ping):
+        fill those the channel layer lost, after the grace (they may still be on the way)."""
+        room = self.rooms.get(room_id)
+        if room is None or not room.ready or update_seq <= room.update_known:
+            return
+        room.update_known = update_seq
+        self._check_update_gap(room)
+
+    def _release_updates(self, room: _Room) -> None:
+        """Forward held changes in update_seq order, each once its message was forwarded."""
+        while True:
+            next_seq = room.update_head + 1
+            item = room.held_updates.get(next_seq)
+            if item is None:
+                if next_seq > room.update_skip_to:
+                    break
+                room.update_head = next_seq  # superseded by a later change, or lost
+                continue
+            if item.about_seq > room.head:
+                break  # its message comes first (held, or being filled)
+            del room.held_updates[next_seq]
+            self._append(room, item)
+            room.update_head = next_seq
+        self._check_update_gap(room)
+
+    def _check_update_gap(self, room: _Room) -> None:
+        missing = room.update_known > room.update_head and room.update_head + 1 not in (
+            room.held_updates
+        )
+        if not missing or room.update_filling or self.load_updates is None:
+            return
+        if len(room.held_updates) > MAX_HELD_MESSAGES:
+            self._start_update_fill(room)
+        elif room.update_gap_handle is None:
+            loop = asyncio.get_running_loop()
+            room.update_gap_handle = loop.call_later(
+                self.gap_grace_seconds, self._start_update_fill, room
+            )
+
+    def _start_update_fill(self, room: _Room) -> None:
+        if room.update_gap_handle is not None:
+            room.update_gap_handle.cancel()
+            room.update_gap_handle = None
+        if not room.update_filling and room.update_known > room.update_head:
+            room.update_filling = True
+            self._spawn(self._fill_updates(room))
+
+    async def _fill_updates(self, room: _Room) -> None:
+        """Read the changes missing below ``update_known``: each changed message's current
+        state (a message changed twice is one frame, at its latest update_seq)."""
+        target = room.update_known
+        after = room.update_head
+        loader = self.load_updates
+        try:
+            if self.read_update_head is not None:
+                # A ping's cached head may be stale (a database reset): never skip past what
+                # the database holds. Every committed change is at or below its head.
+                fresh = await self.read_update_head(room.id)
+                target = min(target, fresh)
+                held_max = max(room.held_updates, default=0)
+                room.update_known = max(held_max, min(room.update_known, fresh))
+            while loader is not None and after < target:
+                rows = await loader(room.id, after, target)
+                if not rows:
+                    break
+                for update_seq, seq, enc in rows:
+                    if update_seq > room.update_head and update_seq not in room.held_updates:
+                        room.held_updates[update_seq] = Item(
+                            enc, update_seq=update_seq, about_seq=seq
+                        )
+                after = rows[-1][0]
+        except DatabaseError:
+            logger.warning("Filling changes of room %s failed; clients resume", room.id)
+        except Exception:
+            logger.exception("Filling changes of room %s failed", room.id)
+        finally:
+            room.update_filling = False
+            # What the database did not return up to the target was superseded by a later
+            # change of the same message (or is lost): skip it.
+            room.update_skip_to = max(room.update_skip_to, target)
+            self._release_updates(room)
 
     # --- batching ------------------------------------------------------------------------
 
@@ -447,6 +585,9 @@ class RoomHub:
         seqs = [i.seq for i in items if i.seq is not None]
         first_seq = seqs[0] if seqs else None
         last_seq = seqs[-1] if seqs else None
+        updates = [i.update_seq for i in items if i.update_seq is not None]
+        first_update = updates[0] if updates else None
+        last_update = updates[-1] if updates else None
         excluded = {i.exclude_user for i in items if i.exclude_user is not None}
         origins = {i.origin for i in items if i.origin is not None}
         has_ephemeral = any(i.ephemeral for i in items)
@@ -469,6 +610,7 @@ class RoomHub:
                 and member.conn_id not in origins
                 and member.conn_id not in room.waits
                 and (first_seq is None or member.last_sent < first_seq)
+                and (first_update is None or member.last_update < first_update)
             ):
                 if not items:
                     continue
@@ -476,7 +618,7 @@ class RoomHub:
                 if shared is None:
                     packed = self.pack([i.enc for i in items], member.msgpack)
                     shared = common[member.msgpack] = (packed, sum(len(p.data) for p in packed))
-                member.deliver(shared[0], last_seq)
+                member.deliver(shared[0], last_seq, last_update)
                 fast_deliveries += 1
                 fast_bytes += shared[1]
                 continue
@@ -484,6 +626,7 @@ class RoomHub:
                 i
                 for i in items
                 if (i.seq is None or i.seq > member.last_sent)
+                and (i.update_seq is None or i.update_seq > member.last_update)
                 and i.exclude_user != member.user_id
                 and not (congested and i.ephemeral)
             ]
@@ -515,6 +658,7 @@ class RoomHub:
         acked = room.acked.get(member.conn_id, set())
         frames = list(own)
         last_seq: int | None = None
+        last_update: int | None = None
         for index, item in enumerate(items):
             if item.origin == member.conn_id and item.seq is not None:
                 if item.seq not in acked and not force:
@@ -528,9 +672,11 @@ class RoomHub:
             frames.append(item.enc)
             if item.seq is not None:
                 last_seq = item.seq
+            if item.update_seq is not None:
+                last_update = item.update_seq
         if frames:
             packed = self.pack(frames, member.msgpack)
-            member.deliver(packed, last_seq)
+            member.deliver(packed, last_seq, last_update)
             m = metrics()
             m.frames_delivered.inc(len(frames))
             m.bytes_delivered.inc(sum(len(p.data) for p in packed))
@@ -609,6 +755,8 @@ def get_room_hub() -> RoomHub:
             get_channel_layer(),
             load_messages=services.aencoded_messages,
             read_head=services.alast_seq,
+            load_updates=services.aencoded_updates,
+            read_update_head=services.alast_update_seq,
             allowed_users=services.aallowed_users,
             budget_bytes=app_settings.MAX_SEND_BYTES,
             batch_window_seconds=app_settings.BATCH_WINDOW_MILLISECONDS / 1000,

@@ -9,7 +9,10 @@
  *    rendering out of order;
  *  - nothing typed is lost: each message sits in an outbox (localStorage, per room and user)
  *    until the server acks it, and is resent after every reconnect with the same client_id,
- *    which the server stores only once.
+ *    which the server stores only once;
+ *  - edits and deletes (message_update) show live and after reconnects: it resumes with
+ *    &after_update=<lastUpdateSeq>, and applies a change only when its update_seq is above the
+ *    one the message shows (a message sent after a change already shows it).
  *
  * Knobs, in milliseconds unless noted. Each comes from, in increasing priority: the defaults
  * below, a data attribute on #chat-room (data-ping-interval-ms="5000"), and window.CHAT_CONFIG
@@ -28,7 +31,8 @@
  *
  * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
  * "chat:message" {seq, user, client_id, status, older} after a message is rendered (older:
- * true for pages of older history), and "chat:frame" (the frame) for
+ * true for pages of older history), "chat:update" {seq, deleted} after a change is shown,
+ * and "chat:frame" (the frame) for
  * frame types this file does not handle (presence, typing, read markers).
  */
 (function () {
@@ -70,6 +74,9 @@
     retrying: "retrying…",
     failed: "not sent",
   };
+  // How long a "delete" button waits for its confirming second click.
+  const CONFIRM_DELETE_MS = 4000;
+  const DELETED_TEXT = "message deleted";
   // Frames held back behind a gap; past this many, drop them (the replay brings them again).
   const MAX_HELD_FRAMES = 1000;
   // A visible page whose timers stalled this long was asleep (laptop lid, frozen tab).
@@ -106,6 +113,8 @@
 
   // --- ordering state ---
   let lastSeq = 0; // highest seq rendered
+  // Every change (edit, delete) up to this update_seq is shown: resumes ask for later ones.
+  let lastUpdateSeq = 0;
   let synced = false; // lastSeq can be sent as ?after= (false until history has started)
   let baseline = false; // the next message frame opens the history window of a fresh session
   const held = new Map(); // seq -> frame that arrived ahead of a gap
@@ -164,6 +173,9 @@
       get lastSeq() {
         return lastSeq;
       },
+      get lastUpdateSeq() {
+        return lastUpdateSeq;
+      },
       get outboxLength() {
         return outbox.size;
       },
@@ -187,7 +199,7 @@
 
   function wsUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = synced ? `?after=${lastSeq}` : "";
+    const query = synced ? `?after=${lastSeq}&after_update=${lastUpdateSeq}` : "";
     return `${scheme}//${location.host}${config.wsPath}${query}`;
   }
 
@@ -371,6 +383,8 @@
         return onHello(frame);
       case "message":
         return onMessage(frame);
+      case "message_update":
+        return onMessageUpdate(frame);
       case "ack":
         return onAck(frame);
       case "pong":
@@ -401,10 +415,15 @@
     setState("connected");
     hideNotice("connection");
     const serverLast = Number(hello.last_seq) || 0;
+    // Fewer changes than we saw: the server's database was reset (like last_seq below).
+    const serverUpdates = Number(hello.last_update_seq) || 0;
+    if (serverUpdates < lastUpdateSeq) lastUpdateSeq = serverUpdates;
     if (synced && serverLast < lastSeq) {
       reloadHistory(serverLast);
     } else if (!synced) {
-      // Fresh session: history is the last few messages, starting at an unknown seq.
+      // Fresh session: history is the last few messages, starting at an unknown seq. They
+      // show their current text, so no change up to the room's last one is news.
+      lastUpdateSeq = Math.max(lastUpdateSeq, Number(hello.last_update_seq) || 0);
       if (serverLast > 0) baseline = true;
       else synced = true;
     }
@@ -427,7 +446,9 @@
       lastSeq = Math.max(lastSeq, msg.seq - 1);
     }
     if (msg.seq <= lastSeq) {
-      settleOwn(msg); // a duplicate: it is on screen already
+      settleOwn(msg); // a duplicate: it is on screen already (a replay may show a change)
+      const shown = els.list.querySelector(`li[data-seq="${msg.seq}"]`);
+      if (shown) applyChange(shown, msg);
       return;
     }
     if (msg.seq > lastSeq + 1) {
@@ -440,9 +461,7 @@
 
   function renderConfirmed(msg) {
     const stick = isScrolledToBottom();
-    const li = messageElement(msg.user && msg.user.username, msg.text, msg.created_at);
-    li.dataset.seq = String(msg.seq);
-    if (isMine(msg)) li.classList.add("mine");
+    const li = confirmedElement(msg);
     // Confirmed messages stay above the unconfirmed ones (pending, failed) at the bottom.
     els.list.insertBefore(li, els.list.querySelector("li[data-client-id]"));
     lastSeq = msg.seq;
@@ -469,10 +488,7 @@
     for (const msg of frames) {
       if (!Number.isInteger(msg.seq) || msg.seq >= oldest) continue;
       if (list.querySelector(`li[data-seq="${msg.seq}"]`)) continue;
-      const li = messageElement(msg.user && msg.user.username, msg.text, msg.created_at);
-      li.dataset.seq = String(msg.seq);
-      if (isMine(msg)) li.classList.add("mine");
-      list.insertBefore(li, anchor);
+      list.insertBefore(confirmedElement(msg), anchor);
       added += 1;
       emit("chat:message", {
         seq: msg.seq,
@@ -484,6 +500,168 @@
     }
     list.scrollTop += list.scrollHeight - heightBefore;
     return added;
+  }
+
+  // A stored message: its text (or the deleted placeholder), its edit mark, and for its
+  // author the edit and delete controls.
+  function confirmedElement(msg) {
+    const li = messageElement(msg.user && msg.user.username, msg.text, msg.created_at);
+    li.dataset.seq = String(msg.seq);
+    if (isMine(msg)) {
+      li.classList.add("mine");
+      li.querySelector(".meta").append(changeControls(li));
+    }
+    applyChange(li, msg);
+    return li;
+  }
+
+  // ------------------------------------------------------------------ edits and deletes
+
+  function onMessageUpdate(update) {
+    if (!Number.isInteger(update.seq) || !Number.isInteger(update.update_seq)) return;
+    lastUpdateSeq = Math.max(lastUpdateSeq, update.update_seq);
+    const li = els.list.querySelector(`li[data-seq="${update.seq}"]`);
+    if (li) {
+      if (applyChange(li, update)) emit("chat:update", { seq: update.seq, deleted: !!update.deleted });
+      return;
+    }
+    // A message held behind a gap shows its change once it is rendered.
+    const waiting = held.get(update.seq);
+    if (waiting && !(update.update_seq <= (waiting.update_seq || 0))) {
+      Object.assign(waiting, {
+        text: update.text,
+        edited_at: update.edited_at,
+        deleted: update.deleted,
+        update_seq: update.update_seq,
+      });
+    }
+  }
+
+  // Show a message's change; false when the element already shows this one or a later one.
+  function applyChange(li, change) {
+    const updateSeq = Number(change.update_seq) || 0;
+    if (updateSeq <= (Number(li.dataset.updateSeq) || 0)) return false;
+    li.dataset.updateSeq = String(updateSeq);
+    const body = li.querySelector(".text");
+    if (change.deleted) {
+      stopEditing(li);
+      li.classList.add("deleted");
+      body.textContent = DELETED_TEXT;
+      const controls = li.querySelector(".controls");
+      if (controls) controls.remove();
+    } else {
+      body.textContent = change.text;
+    }
+    let mark = li.querySelector(".edited");
+    if (!mark && !change.deleted && change.edited_at) {
+      mark = document.createElement("span");
+      mark.className = "edited";
+      mark.textContent = "(edited)";
+      li.querySelector(".meta").append(mark);
+    }
+    if (mark && change.deleted) mark.remove();
+    else if (mark) {
+      const when = new Date(change.edited_at);
+      mark.title = Number.isNaN(when.getTime()) ? "" : `edited ${when.toLocaleString()}`;
+    }
+    return true;
+  }
+
+  function changeControls(li) {
+    const controls = document.createElement("span");
+    controls.className = "controls";
+    const edit = document.createElement("button");
+    edit.type = "button";
+    edit.className = "link edit";
+    edit.textContent = "edit";
+    edit.addEventListener("click", () => startEditing(li));
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "link delete";
+    del.textContent = "delete";
+    // Two clicks: a stray one must not delete a message.
+    del.addEventListener("click", () => {
+      if (del.dataset.confirm === "1") {
+        sendChange(li, { type: "delete", seq: Number(li.dataset.seq) });
+        return;
+      }
+      del.dataset.confirm = "1";
+      del.textContent = "really delete?";
+      setTimeout(() => {
+        del.dataset.confirm = "";
+        del.textContent = "delete";
+      }, CONFIRM_DELETE_MS);
+    });
+    controls.append(edit, del);
+    return controls;
+  }
+
+  function startEditing(li) {
+    if (li.querySelector("form.editor") || li.classList.contains("deleted")) return;
+    const body = li.querySelector(".text");
+    const form = document.createElement("form");
+    form.className = "editor";
+    const input = document.createElement("textarea");
+    input.className = "edit-text";
+    input.value = body.textContent;
+    input.rows = Math.min(6, input.value.split("\n").length);
+    input.setAttribute("aria-label", "Edit message");
+    const save = document.createElement("button");
+    save.type = "submit";
+    save.textContent = "save";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.className = "link";
+    cancel.textContent = "cancel";
+    cancel.addEventListener("click", () => stopEditing(li));
+    form.append(input, save, cancel);
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      submitEdit(li, input.value);
+    });
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Escape") {
+        ev.preventDefault();
+        stopEditing(li);
+      } else if (ev.key === "Enter" && !ev.shiftKey) {
+        ev.preventDefault();
+        submitEdit(li, input.value);
+      }
+    });
+    body.hidden = true;
+    body.after(form);
+    input.focus();
+  }
+
+  function submitEdit(li, text) {
+    const body = li.querySelector(".text");
+    if (text === body.textContent) {
+      stopEditing(li);
+      return;
+    }
+    if (!text.trim()) {
+      showNotice("An edited message cannot be empty; delete it instead.", "info");
+      return;
+    }
+    if ([...text].length > config.maxLength) {
+      showNotice(`Messages are limited to ${config.maxLength} characters.`, "info");
+      return;
+    }
+    if (sendChange(li, { type: "edit", seq: Number(li.dataset.seq), text })) stopEditing(li);
+  }
+
+  function stopEditing(li) {
+    const form = li.querySelector("form.editor");
+    if (!form) return;
+    form.remove();
+    li.querySelector(".text").hidden = false;
+  }
+
+  // The change shows once the server's message_update comes back (to every tab).
+  function sendChange(li, frame) {
+    if (session && sendFrame(frame)) return true;
+    showNotice("Not connected: the change was not sent. Try again once connected.", "info");
+    return false;
   }
 
   // Our own message came back: it is stored, so it leaves the outbox and its pending twin goes.
@@ -518,7 +696,10 @@
   // replay has arrived before it.
   function requestResume() {
     if (!session || resumeInFlight) return;
-    const frames = [{ type: "resume", after: lastSeq }, { type: "ping" }];
+    const frames = [
+      { type: "resume", after: lastSeq, after_update: lastUpdateSeq },
+      { type: "ping" },
+    ];
     if (!sendFrame(frames)) return;
     resumeInFlight = true;
     pongQueue.push("barrier");
@@ -526,6 +707,10 @@
   }
 
   function onPong(pong) {
+    // The server sent this socket every change up to its last_update_seq before the pong.
+    if (Number.isInteger(pong.last_update_seq)) {
+      lastUpdateSeq = Math.max(lastUpdateSeq, pong.last_update_seq);
+    }
     if (pongQueue.shift() === "barrier") {
       onResumeDone();
       return;
@@ -572,6 +757,10 @@
   }
 
   function onError(err) {
+    if (Number.isInteger(err.seq) && !err.client_id) {
+      showNotice(`Message ${err.seq} was not changed: ${err.message || err.code}`, "info");
+      return;
+    }
     const cid = err.client_id;
     if (cid && outbox.has(cid)) {
       inflight.delete(cid);
