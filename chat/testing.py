@@ -53,7 +53,7 @@ class RoomCommunicator(WebsocketCommunicator):
         self.pending: list[dict[str, Any]] = []
 
     async def receive_frame(
-        self, skip: frozenset[str] = AMBIENT_FRAMES, timeout: float = DEFAULT_TIMEOUT_SECONDS
+        self, skip: frozenset[str] = AMBIENT_FRAMES, seconds: float = DEFAULT_TIMEOUT_SECONDS
     ) -> dict[str, Any]:
         """The next frame whose type is not in ``skip``."""
         while True:
@@ -61,15 +61,15 @@ class RoomCommunicator(WebsocketCommunicator):
                 frame = self.pending.pop(0)
                 if frame.get("type") not in skip:
                     return frame
-            data = json.loads(await self.receive_from(timeout=timeout))
+            data = json.loads(await self.receive_from(timeout=seconds))
             self.pending = list(data) if isinstance(data, list) else [data]
 
     async def receive_type(
-        self, frame_type: str, timeout: float = DEFAULT_TIMEOUT_SECONDS
+        self, frame_type: str, seconds: float = DEFAULT_TIMEOUT_SECONDS
     ) -> dict[str, Any]:
         """The next frame of ``frame_type``; frames before it are dropped."""
         while True:
-            frame = await self.receive_frame(skip=frozenset(), timeout=timeout)
+            frame = await self.receive_frame(skip=frozenset(), seconds=seconds)
             if frame.get("type") == frame_type:
                 return frame
 
@@ -164,7 +164,8 @@ class LiveServer:
         args += ["-p", str(self.port), *self.args, self.application]
         self.log_path = Path(tempfile.mkstemp(prefix="live-daphne-", suffix=".log")[1])
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            # Our own interpreter and module; the host's test names the application.
+            self.proc = subprocess.Popen(  # noqa: S603
                 args,
                 env=env,
                 cwd=self.cwd or Path.cwd(),
