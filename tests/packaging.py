@@ -34,16 +34,24 @@ class Interpreter:
     version: str  # "3.12"
 
     def path(self) -> str:
-        found = shutil.which(f"python{self.version}")
-        if found is None:
-            pyenv = sorted(Path("/root/.pyenv/versions").glob(f"{self.version}.*/bin/python"))
-            found = str(pyenv[-1]) if pyenv else None
-        if found is None:
-            message = f"Python {self.version} is not installed (pyenv install {self.version})."
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{message} CI=true: a missing matrix Python is a failure.")
-            pytest.skip(message)
-        return found
+        # pyenv's shims exist for every installed version but fail unless it is selected, so
+        # each candidate is asked for its version before it is used.
+        pyenv = sorted(Path("/root/.pyenv/versions").glob(f"{self.version}.*/bin/python"))
+        on_path = shutil.which(f"python{self.version}")
+        for candidate in [*(str(p) for p in reversed(pyenv)), *([on_path] if on_path else [])]:
+            if self._is_version(candidate):
+                return candidate
+        message = f"Python {self.version} is not installed (pyenv install {self.version})."
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} CI=true: a missing matrix Python is a failure.")
+        pytest.skip(message)
+
+    def _is_version(self, python: str) -> bool:
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        result = subprocess.run(
+            [python, "-c", probe], capture_output=True, text=True, timeout=30, check=False
+        )
+        return result.returncode == 0 and result.stdout.strip() == self.version
 
 
 def _run(args: list[str], cwd: Path | None = None) -> str:
