@@ -29,14 +29,15 @@ PIP_TIMEOUT_SECONDS = 900
 
 @dataclass(frozen=True)
 class Interpreter:
-    """A Python of the host matrix: the ``python3.X`` on PATH, else pyenv's."""
+    """A Python of the host matrix: pyenv's newest ``3.X.*``, else the ``python3.X`` on PATH."""
 
     version: str  # "3.12"
 
     def path(self) -> str:
         # pyenv's shims exist for every installed version but fail unless it is selected, so
         # each candidate is asked for its version before it is used.
-        pyenv = sorted(Path("/root/.pyenv/versions").glob(f"{self.version}.*/bin/python"))
+        versions = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+        pyenv = sorted(versions.glob(f"{self.version}.*/bin/python"))
         on_path = shutil.which(f"python{self.version}")
         for candidate in [*(str(p) for p in reversed(pyenv)), *([on_path] if on_path else [])]:
             if self._is_version(candidate):
@@ -90,8 +91,9 @@ def build_wheel() -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp), str(REPO_ROOT)])
-    # setuptools leaves build/ in the checkout; it is not ours to keep.
+    # setuptools leaves build/ and the egg-info in the checkout; they are not ours to keep.
     shutil.rmtree(REPO_ROOT / "build", ignore_errors=True)
+    shutil.rmtree(REPO_ROOT / "django_realtime_kit.egg-info", ignore_errors=True)
     tmp.rename(target)
     return sorted(target.glob("django_realtime_kit-*.whl"))[-1]
 

@@ -74,7 +74,9 @@ def test_pip_install_of_the_checkout_into_a_fresh_venv(wheel: Path, tmp_path: Pa
         capture_output=True,
         timeout=packaging.PIP_TIMEOUT_SECONDS,
     )
+    # setuptools builds in the checkout: build/ and the egg-info are not ours to keep.
     shutil.rmtree(packaging.REPO_ROOT / "build", ignore_errors=True)
+    shutil.rmtree(packaging.REPO_ROOT / "django_realtime_kit.egg-info", ignore_errors=True)
     probe = (
         "import chat, notifications, realtime_kit, pathlib; "
         "roots = [pathlib.Path(m.__file__).parent for m in (chat, notifications)]; "
