@@ -155,7 +155,7 @@ def _check_presence_store() -> list[CheckMessage]:
             Error(
                 f"CHAT_PRESENCE_STORE {path!r} is not a BasePresenceStore subclass.",
                 hint="Subclass chat.presence_stores.base.BasePresenceStore.",
-                id="chat.E011",
+                id="chat.E014",
             )
         ]
     return []

@@ -111,22 +111,26 @@ def check_asgi_application(app_configs: Any = None, **kwargs: Any) -> list[Check
             )
         )
     if not any(isinstance(w, CsrfOriginValidator) for w in chain):
-        host_only = any(isinstance(w, OriginValidator) for w in chain)
-        errors.append(
-            Error(
-                f"The WebSockets of {settings.ASGI_APPLICATION} are not wrapped in "
-                "realtime_kit.origin.CsrfOriginValidator: "
-                + (
-                    "Channels' origin validator compares host names only, so a page on "
-                    "another port or scheme of an allowed host can open a socket with the "
-                    "user's session."
-                    if host_only
-                    else "a page of any site can open a socket with the user's session."
-                ),
-                hint=WIRING_HINT,
-                id="realtime_kit.E004",
+        if any(isinstance(w, OriginValidator) for w in chain):
+            errors.append(
+                Error(
+                    f"The WebSockets of {settings.ASGI_APPLICATION} use Channels' origin "
+                    "validator, which compares host names only: a page on another port or "
+                    "scheme of an allowed host can open a socket with the user's session.",
+                    hint="Use realtime_kit.origin.CsrfOriginValidator instead. " + WIRING_HINT,
+                    id="realtime_kit.E008",
+                )
             )
-        )
+        else:
+            errors.append(
+                Error(
+                    f"The WebSockets of {settings.ASGI_APPLICATION} are not wrapped in "
+                    "realtime_kit.origin.CsrfOriginValidator: a page of any site can open a "
+                    "socket with the user's session.",
+                    hint=WIRING_HINT,
+                    id="realtime_kit.E004",
+                )
+            )
     errors.extend(_check_chat_routed(socket_app))
     return errors
 
