@@ -60,7 +60,9 @@ class LiveServer:
         env["PYTHONUNBUFFERED"] = "1"
         args = [sys.executable, "-m", "realtime_kit.server", "-b", "127.0.0.1"]
         args += ["-p", str(self.port), *self.args, self.application]
-        self.log_path = Path(tempfile.mkstemp(prefix="live-daphne-", suffix=".log")[1])
+        fd, log_name = tempfile.mkstemp(prefix="live-daphne-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_name)
         with open(self.log_path, "ab") as log:
             # Our own interpreter and module; the host's test names the application.
             self.proc = subprocess.Popen(  # noqa: S603
@@ -115,3 +117,5 @@ def live_server(application: str, **options: Any) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+        if server.log_path is not None:
+            server.log_path.unlink(missing_ok=True)
