@@ -94,3 +94,24 @@ def test_pip_install_of_the_checkout_into_a_fresh_venv(wheel: Path, tmp_path: Pa
         timeout=60,
     ).stdout.split("\n")
     assert out[:2] == ["True", "True True"]
+
+
+def test_editable_install_of_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    venv = packaging.host_venv("packaging", sys.executable, [], wheel)
+    python = str(packaging.venv_python(venv))
+    try:
+        subprocess.run(
+            [python, "-m", "pip", "install", "-q", "--no-deps", "-e", str(packaging.REPO_ROOT)],
+            check=True,
+            capture_output=True,
+            timeout=packaging.PIP_TIMEOUT_SECONDS,
+        )
+        probe = "import chat, notifications, realtime_kit.asgi; print(chat.__file__)"
+        out = subprocess.run(
+            [python, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        # The checkout's own files: edits show without a reinstall.
+        assert out == str(packaging.REPO_ROOT / "chat" / "__init__.py")
+    finally:
+        shutil.rmtree(packaging.REPO_ROOT / "build", ignore_errors=True)
+        shutil.rmtree(packaging.REPO_ROOT / "django_realtime_kit.egg-info", ignore_errors=True)
