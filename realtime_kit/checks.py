@@ -88,6 +88,7 @@ def check_asgi_application(app_configs: Any = None, **kwargs: Any) -> list[Check
     application, errors = _load_application()
     if application is None:
         return errors
+    errors.extend(_check_http(application))
     socket_app = websocket_app(application)
     if socket_app is None:
         return [
@@ -133,6 +134,46 @@ def check_asgi_application(app_configs: Any = None, **kwargs: Any) -> list[Check
             )
     errors.extend(_check_chat_routed(socket_app))
     return errors
+
+
+def http_app(application: Any) -> Any | None:
+    """What ``application`` runs for HTTP: its ProtocolTypeRouter entry, or itself."""
+    for wrapper in wrappers(application):
+        mapping = getattr(wrapper, "application_mapping", None)
+        if isinstance(mapping, dict):
+            return mapping.get("http")
+    return application
+
+
+def _check_http(application: Any) -> list[CheckMessage]:
+    from django.apps import apps
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    from chat.backpressure import DaphneBackpressure
+
+    chain = list(wrappers(http_app(application)))
+    warnings: list[CheckMessage] = []
+    if chain and not any(isinstance(w, DaphneBackpressure) for w in chain):
+        warnings.append(
+            Warning(
+                f"The HTTP side of {settings.ASGI_APPLICATION} has no DaphneBackpressure: under "
+                "daphne an export or stream to a slow client is buffered whole in the process.",
+                hint=WIRING_HINT,
+                id="realtime_kit.W002",
+            )
+        )
+    serves_static = any(isinstance(w, ASGIStaticFilesHandler) for w in chain)
+    if settings.DEBUG and apps.is_installed("django.contrib.staticfiles") and not serves_static:
+        warnings.append(
+            Warning(
+                f"DEBUG is on but {settings.ASGI_APPLICATION} serves no static files: daphne "
+                "does not, so chat.js and bell.js answer 404 and the pages stay inert.",
+                hint="get_asgi_application() serves them when DEBUG (or serve_static=True); "
+                "in production let the proxy serve STATIC_ROOT.",
+                id="realtime_kit.W003",
+            )
+        )
+    return warnings
 
 
 def _check_chat_routed(socket_app: Any) -> list[CheckMessage]:

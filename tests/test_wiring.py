@@ -13,6 +13,7 @@ from django.core.asgi import get_asgi_application as django_asgi_application
 from django.core.checks import CheckMessage
 from django.test import override_settings
 
+from chat.backpressure import DaphneBackpressure
 from chat.checks import check_chat_redis, check_chat_settings
 from chat.llm.checks import check_assistant_settings
 from chat.routing import get_websocket_urlpatterns, room_ws_path
@@ -22,7 +23,7 @@ from realtime_kit.asgi import get_asgi_application
 from realtime_kit.not_found import not_found_route
 from realtime_kit.origin import CsrfOriginValidator
 
-_django = django_asgi_application()
+_django = DaphneBackpressure(django_asgi_application())
 # Hand-written wirings, each missing one part (referenced by ASGI_APPLICATION below).
 NO_AUTH = ProtocolTypeRouter(
     {"http": _django, "websocket": CsrfOriginValidator(URLRouter(get_websocket_urlpatterns()))}
@@ -46,6 +47,10 @@ NO_CHAT_ROUTE = ProtocolTypeRouter(
 )
 HTTP_ONLY = ProtocolTypeRouter({"http": _django})
 WIRED = get_asgi_application()
+NO_STATIC = get_asgi_application(serve_static=False)
+BARE_HTTP = ProtocolTypeRouter(
+    {"http": django_asgi_application(), "websocket": WIRED.application_mapping["websocket"]}
+)
 
 
 def ids(messages: list[CheckMessage]) -> list[str]:
@@ -71,6 +76,18 @@ def test_the_asgi_check_names_each_missing_part(application: str, expected: list
         found = checks.check_asgi_application()
     assert ids(found) == expected
     assert all("docs/embedding.md" in (m.hint or "") for m in found)
+
+
+def test_the_http_side_is_checked_for_backpressure_and_static_files_in_debug() -> None:
+    with override_settings(ASGI_APPLICATION="tests.test_wiring.BARE_HTTP"):
+        assert ids(checks.check_asgi_application()) == ["realtime_kit.W002"]
+        with override_settings(DEBUG=True):
+            found = ids(checks.check_asgi_application())
+    assert found == ["realtime_kit.W002", "realtime_kit.W003"]
+    with override_settings(ASGI_APPLICATION="tests.test_wiring.NO_STATIC", DEBUG=True):
+        assert ids(checks.check_asgi_application()) == ["realtime_kit.W003"]
+    with override_settings(ASGI_APPLICATION="project.asgi.application", DEBUG=True):
+        assert ids(checks.check_asgi_application()) == []
 
 
 def test_the_origin_error_says_why_channels_validator_is_not_enough() -> None:
