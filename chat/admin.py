@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from asgiref.sync import async_to_sync
 from django.contrib import admin
+from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
@@ -14,6 +15,10 @@ from .export import FORMATS, RoomSnapshot, export_response
 from .models import Membership, Message, ReadMarker, Room
 from .presence import State
 from .presence_hub import get_hub
+
+# The host's user model may log in with something else than "username" (an e-mail): search
+# by its USERNAME_FIELD, or every search of these admins is a 500 FieldError.
+USER_SEARCH = f"user__{get_user_model().USERNAME_FIELD}"
 
 
 class MembershipInline(admin.TabularInline):
@@ -82,7 +87,7 @@ class RoomAdmin(admin.ModelAdmin):
 class MembershipAdmin(admin.ModelAdmin):
     list_display = ["room", "user", "created_at"]
     list_filter = ["room__is_private", "room"]
-    search_fields = ["room__slug", "room__title", "user__username"]
+    search_fields = ["room__slug", "room__title", USER_SEARCH]
     raw_id_fields = ["user"]
     list_select_related = ["room", "user"]
 
@@ -91,7 +96,7 @@ class MembershipAdmin(admin.ModelAdmin):
 class MessageAdmin(admin.ModelAdmin):
     list_display = ["room", "seq", "user", "short_text", "status", "deleted", "created_at"]
     list_filter = ["room", "status", "deleted", "created_at"]
-    search_fields = ["text", "user__username", "room__slug", "client_id"]
+    search_fields = ["text", USER_SEARCH, "room__slug", "client_id"]
     list_select_related = ["room", "user"]
     date_hierarchy = "created_at"
     # seq is handed out by services.post_message; editing it here would break the sequence.
@@ -144,6 +149,6 @@ async def _presence_snapshot(room_id: int) -> State:
 class ReadMarkerAdmin(admin.ModelAdmin):
     list_display = ["room", "user", "last_read_seq", "updated_at"]
     list_filter = ["room"]
-    search_fields = ["room__slug", "user__username"]
+    search_fields = ["room__slug", USER_SEARCH]
     raw_id_fields = ["user"]
     list_select_related = ["room", "user"]

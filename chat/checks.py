@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.utils.module_loading import import_string
 
+from realtime_kit import checks as kit_checks
 from realtime_kit.limit_stores import url_problem
 
 from . import protocol
@@ -16,7 +19,13 @@ from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 
 @register()
 def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    errors: list[CheckMessage] = []
+    # A value that is not even of the setting's type: report only that, since every other
+    # check below reads the settings and would raise.
+    errors: list[CheckMessage] = kit_checks.setting_value_errors(app_settings, "chat.E010")
+    if errors:
+        return errors
+    errors.extend(_check_presence_store())
+    errors.extend(_check_websocket_prefix())
     positive = {
         "CHAT_HISTORY_LIMIT": app_settings.HISTORY_LIMIT,
         "CHAT_MAX_TEXT_LENGTH": app_settings.MAX_TEXT_LENGTH,
@@ -137,3 +146,69 @@ def _check_limits_store() -> list[CheckMessage]:
 def _layers_cross_processes() -> bool:
     layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
     return any("channels_redis" in str(layer.get("BACKEND", "")) for layer in layers.values())
+
+
+def _check_presence_store() -> list[CheckMessage]:
+    # A misspelt store fails only when the first socket joins a room (closed with 1011).
+    from .presence_stores.base import BasePresenceStore
+
+    path = app_settings.PRESENCE_STORE
+    try:
+        cls = import_string(path)
+    except ImportError as exc:
+        return [
+            Error(
+                f"CHAT_PRESENCE_STORE {path!r} cannot be imported: {exc}",
+                hint="chat.presence_stores.memory.MemoryPresenceStore for one process, "
+                "chat.presence_stores.redis.RedisPresenceStore for several.",
+                id="chat.E011",
+            )
+        ]
+    if not (isinstance(cls, type) and issubclass(cls, BasePresenceStore)):
+        return [
+            Error(
+                f"CHAT_PRESENCE_STORE {path!r} is not a BasePresenceStore subclass.",
+                hint="Subclass chat.presence_stores.base.BasePresenceStore.",
+                id="chat.E014",
+            )
+        ]
+    return []
+
+
+def _check_websocket_prefix() -> list[CheckMessage]:
+    prefix = app_settings.WEBSOCKET_PREFIX
+    if prefix.startswith("/") or not prefix.endswith("/") or not _PREFIX.fullmatch(prefix):
+        return [
+            Error(
+                f"CHAT_WEBSOCKET_PREFIX must be a path without a leading slash and with a "
+                f"trailing one, e.g. 'ws/chat/' or 'community/ws/chat/'; got {prefix!r}.",
+                id="chat.E012",
+            )
+        ]
+    return []
+
+
+# Path segments of URL-safe characters, each followed by a slash ("" is allowed: no prefix).
+_PREFIX = re.compile(r"([-a-zA-Z0-9_.~]+/)*")
+
+
+@register(deploy=True)
+def check_chat_redis(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy``: the Redis of the per-user limits and of presence answers."""
+    if kit_checks.setting_value_errors(app_settings, "chat.E010"):
+        return []
+    urls = {"CHAT_REDIS_URL": app_settings.REDIS_URL}
+    if "redis" in app_settings.PRESENCE_STORE.lower():
+        urls["CHAT_PRESENCE_REDIS_URL"] = app_settings.PRESENCE_REDIS_URL
+    errors: list[CheckMessage] = []
+    for name, url in urls.items():
+        problem = kit_checks.redis_problem(url) if url else None
+        if problem is not None:
+            errors.append(
+                Error(
+                    f"The Redis of {name} ({url}) does not answer: {problem}.",
+                    hint="Start Redis, or fix the URL.",
+                    id="chat.E013",
+                )
+            )
+    return errors

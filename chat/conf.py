@@ -18,6 +18,11 @@ class ChatSettings:
         return getattr(settings, self.prefix + name, default)
 
     @property
+    def WEBSOCKET_PREFIX(self) -> str:
+        """Path of the room sockets before the slug, without a leading slash (``ws/chat/``)."""
+        return str(self._get("WEBSOCKET_PREFIX", "ws/chat/"))
+
+    @property
     def HISTORY_LIMIT(self) -> int:
         """Messages sent on connect when the client gives no ``after``."""
         return int(self._get("HISTORY_LIMIT", 50))

@@ -24,6 +24,7 @@ from .paging import (
     unavailable_on_database_error,
 )
 from .presence_hub import get_hub
+from .routing import room_ws_path
 
 
 @login_required
@@ -43,7 +44,11 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
     return render(
         request,
         "chat/room.html",
-        {"room": room, "max_text_length": app_settings.MAX_TEXT_LENGTH},
+        {
+            "room": room,
+            "max_text_length": app_settings.MAX_TEXT_LENGTH,
+            "ws_path": room_ws_path(room.slug),
+        },
     )
 
 

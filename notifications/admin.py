@@ -20,6 +20,14 @@ from .models import Notification
 SEND_PERMISSION = "notifications.add_notification"
 
 
+def _recipient_search_fields() -> list[str]:
+    """Search recipients by the user model's USERNAME_FIELD and e-mail, whichever it has."""
+    User = get_user_model()
+    names = [User.USERNAME_FIELD, User.get_email_field_name()]
+    fields = {f.name for f in User._meta.get_fields()}
+    return [f"recipient__{n}" for n in dict.fromkeys(names) if n in fields]
+
+
 class ReadFilter(admin.SimpleListFilter):
     title = "read"
     parameter_name = "read"
@@ -39,7 +47,7 @@ class ReadFilter(admin.SimpleListFilter):
 class NotificationAdmin(admin.ModelAdmin):
     list_display = ["id", "recipient", "title", "level", "created_at", "read_at"]
     list_filter = [ReadFilter, "level", "created_at"]
-    search_fields = ["title", "body", "url", "recipient__username", "recipient__email"]
+    search_fields = ["title", "body", "url", *_recipient_search_fields()]
     list_select_related = ["recipient"]
     raw_id_fields = ["recipient"]
     date_hierarchy = "created_at"

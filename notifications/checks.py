@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.db import connections
 
+from realtime_kit import checks as kit_checks
 from realtime_kit.limit_stores import url_problem
 
 from .conf import app_settings
@@ -15,7 +16,10 @@ from .conf import app_settings
 
 @register()
 def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    errors: list[CheckMessage] = []
+    # A value not of the setting's type: report only that (the checks below would raise).
+    errors: list[CheckMessage] = kit_checks.setting_value_errors(app_settings, "notifications.E003")
+    if errors:
+        return errors
     positive = {
         "NOTIFICATIONS_KEEPALIVE_SECONDS": app_settings.KEEPALIVE_SECONDS,
         "NOTIFICATIONS_POLL_SECONDS": app_settings.POLL_SECONDS,
@@ -119,3 +123,21 @@ def _check_database() -> list[CheckMessage]:
             )
         ]
     return []
+
+
+@register(deploy=True)
+def check_notifications_redis(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy``: the Redis of the stream cap answers."""
+    if kit_checks.setting_value_errors(app_settings, "notifications.E003"):
+        return []
+    url = app_settings.REDIS_URL
+    problem = kit_checks.redis_problem(url) if url else None
+    if problem is None:
+        return []
+    return [
+        Error(
+            f"The Redis of NOTIFICATIONS_REDIS_URL ({url}) does not answer: {problem}.",
+            hint="Start Redis, or fix the URL.",
+            id="notifications.E004",
+        )
+    ]

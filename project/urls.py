@@ -5,11 +5,12 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 import chat.views
+import realtime_kit.health
 
 from . import views
 
 urlpatterns = [
-    path("healthz", views.healthz, name="healthz"),
+    path("healthz", realtime_kit.health.healthz, name="healthz"),
     # Prometheus: staff sessions, or CHAT_METRICS_TOKEN as a bearer token.
     path("metrics", chat.views.metrics, name="metrics"),
     path("", views.home, name="home"),

@@ -7,12 +7,16 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
+from realtime_kit.checks import setting_value_errors
+
 from ..conf import app_settings
 from .base import BaseLLMBackend
 
 
 @register()
 def check_assistant_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    if setting_value_errors(app_settings, "chat.E010"):
+        return []  # reported by chat.checks.check_chat_settings
     errors: list[CheckMessage] = []
     errors += _check_backend()
     positive = {

@@ -6,12 +6,21 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
+from django.db import models
 
 from chat.assistant import assistant_user
 from chat.models import Room
 
 # A public demo credential for local `make run` only, printed on the console by design.
 DEFAULT_PASSWORD = "demo-pass-123"  # noqa: S105
+# Demo logins where the user model logs in with an e-mail (USERNAME_FIELD an EmailField).
+DEMO_EMAIL_DOMAIN = "example.com"
+
+
+def demo_login(user_model: Any, name: str) -> str:
+    """The value of the user model's USERNAME_FIELD for the demo user ``name``."""
+    field = user_model._meta.get_field(user_model.USERNAME_FIELD)
+    return f"{name}@{DEMO_EMAIL_DOMAIN}" if isinstance(field, models.EmailField) else name
 
 
 class Command(BaseCommand):
@@ -23,11 +32,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         password: str = options["password"]
         User = get_user_model()
+        logins = [demo_login(User, name) for name in ("alice", "bob")]
         created_users = []
-        for username in ["alice", "bob"]:
-            if not User.objects.filter(username=username).exists():
-                User.objects.create_user(username=username, password=password)
-                created_users.append(username)
+        for login in logins:
+            if not User.objects.filter(**{User.USERNAME_FIELD: login}).exists():
+                User.objects.create_user(**{User.USERNAME_FIELD: login}, password=password)
+                created_users.append(login)
         # Room replies are stored as this user (no usable password: nobody logs in as it).
         assistant_user()
         _, room_created = Room.objects.get_or_create(
@@ -39,8 +49,8 @@ class Command(BaseCommand):
             self.stdout.write("Created the public room 'lobby'.")
         self.stdout.write(
             self.style.SUCCESS(
-                f"Demo login: alice / {password}  or  bob / {password}"
+                f"Demo login: {logins[0]} / {password}  or  {logins[1]} / {password}"
                 if created_users
-                else "Demo users alice and bob exist (their password is unchanged)."
+                else f"Demo users {' and '.join(logins)} exist (their password is unchanged)."
             )
         )
