@@ -17,7 +17,7 @@ from django.db.models.expressions import RawSQL
 from django.urls import reverse
 
 from .models import Message, Room
-from .paging import BadParameter, parse_int
+from .paging import MAX_SEQ, BadParameter, parse_int
 
 # Text search configuration of the index and of every query: "simple" lowercases words and
 # stems nothing, so it works alike for every language a room may speak. The query must use
@@ -73,13 +73,47 @@ def matching(messages: QuerySet[Message], q: str) -> QuerySet[Message]:
     return messages.filter(text__icontains=q)
 
 
-def search_page(rooms: QuerySet[Room], params: SearchParams) -> dict[str, Any]:
-    """One page of matches in ``rooms``, newest first (``results``, ``has_more``,
-    ``next_before``)."""
+def page_query(rooms: QuerySet[Room], params: SearchParams) -> QuerySet[Message]:
+    """The query of one page, one row more than asked (which says whether more exist)."""
     rows = matching(Message.objects.filter(room__in=rooms), params.q)
     if params.before is not None:
         rows = rows.filter(pk__lt=params.before)
-    found = list(rows.select_related("room", "user").order_by("-pk")[: params.limit + 1])
+    return rows.select_related("room", "user").order_by("-pk")[: params.limit + 1]
+
+
+# The ids of one page of full-text matches. OFFSET 0 keeps the inner query from being merged
+# into the outer one: PostgreSQL then finds every match through the GIN index and sorts only
+# those. Merged, with ORDER BY id LIMIT n, the planner walks the primary key backwards testing
+# each message, which is quick for a frequent word but reads the whole table for a rare or
+# absent one: 2 s instead of 2 ms on 100,000 messages (docs/benchmarks.md, "Search").
+# Built from constants only; every value is a bound parameter.
+_FTS_PAGE_IDS = (
+    "SELECT id FROM (SELECT id FROM chat_message WHERE "  # noqa: S608
+    f"{_FTS_MATCH} AND room_id = ANY(%s) AND id < %s OFFSET 0) AS matches "
+    "ORDER BY id DESC LIMIT %s"
+)
+
+
+def fts_page_sql(room_ids: list[int], params: SearchParams) -> tuple[str, list[Any]]:
+    """The SQL and parameters of one page of full-text match ids (PostgreSQL)."""
+    before = params.before if params.before is not None else MAX_SEQ
+    return _FTS_PAGE_IDS, [params.q, room_ids, before, params.limit + 1]
+
+
+def _page_rows(rooms: QuerySet[Room], params: SearchParams) -> list[Message]:
+    if not uses_full_text():
+        return list(page_query(rooms, params))
+    sql, args = fts_page_sql(list(rooms.values_list("pk", flat=True)), params)
+    with connections[router.db_for_read(Message)].cursor() as cursor:
+        cursor.execute(sql, args)
+        ids = [row[0] for row in cursor.fetchall()]
+    return list(Message.objects.filter(pk__in=ids).select_related("room", "user").order_by("-pk"))
+
+
+def search_page(rooms: QuerySet[Room], params: SearchParams) -> dict[str, Any]:
+    """One page of matches in ``rooms``, newest first (``results``, ``has_more``,
+    ``next_before``)."""
+    found = _page_rows(rooms, params)
     has_more = len(found) > params.limit
     page = found[: params.limit]
     return {
