@@ -120,5 +120,6 @@ class ReadMarkerAdmin(admin.ModelAdmin):
     list_filter = ["room"]
     search_fields = ["room__slug", "user__username"]
     autocomplete_fields = ["room", "user"]
-    readonly_fields = ["updated_at"]
+    # Markers only move forward, through services.mark_read (which relays them to the room).
+    readonly_fields = ["last_read_seq", "updated_at"]
     list_select_related = ["room", "user"]
