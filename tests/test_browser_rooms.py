@@ -1,5 +1,6 @@
 """Rooms in headless Chromium: alice creates a private room and invites bob, whose open room
-list shows it without a reload; alice's message raises bob's unread badge and tab title live."""
+list shows it without a reload; alice's message raises bob's unread badge and tab title live;
+removing bob closes his open room page."""
 
 from __future__ import annotations
 
@@ -93,5 +94,14 @@ def test_create_invite_and_live_unread(
     expect(room.get_by_test_id("unread")).to_have_count(0)
     expect(bob).to_have_title("Rooms")
     alice.screenshot(path=tmp_path / "rooms-owner-panel.png")
+
+    # Alice removes bob: his open room page is closed at once with the server's reason, and
+    # the room leaves his list.
+    alice.locator("[data-testid=member-admin] li[data-username=bob]").get_by_test_id(
+        "remove-member"
+    ).click()
+    expect(alice.get_by_test_id("manage-status")).to_have_text("bob was removed.")
+    expect(bob_room.get_by_test_id("notice")).to_have_text("You are not allowed in this room.")
+    expect(bob.locator("[data-room=team-plans]")).to_have_count(0)
     alice_ctx.close()
     bob_ctx.close()
