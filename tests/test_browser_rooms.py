@@ -95,6 +95,21 @@ def test_create_invite_and_live_unread(
     expect(bob).to_have_title("Rooms")
     alice.screenshot(path=tmp_path / "rooms-owner-panel.png")
 
+    # Alice searches the room: the result links to the message, which the room page shows.
+    search = alice_ctx.new_page()
+    search.goto(alice.url)
+    search.get_by_role("searchbox", name="Search this room").fill("WELCOME")
+    search.get_by_role("searchbox", name="Search this room").press("Enter")
+    results = search.locator("[data-testid=search-results] li")
+    expect(results).to_have_count(1)
+    expect(results.locator(".text")).to_have_text("welcome, bob")
+    results.get_by_role("link").click()
+    expect(search).to_have_url(re.compile(r"/chat/team-plans/#seq-1$"))
+    expect(search.locator("[data-testid=messages] li[data-seq='1']")).to_have_class(
+        re.compile(r"\bhighlight\b")
+    )
+    search.close()
+
     # Alice removes bob: his open room page is closed at once with the server's reason, and
     # the room leaves his list.
     alice.locator("[data-testid=member-admin] li[data-username=bob]").get_by_test_id(
