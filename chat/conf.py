@@ -339,6 +339,11 @@ class ChatSettings:
         return str(self._get("ROOM_CREATORS", "authenticated"))
 
     @property
+    def MAX_OWNED_ROOMS(self) -> int:
+        """Rooms one user may own (create in the app); staff have no limit."""
+        return int(self._get("MAX_OWNED_ROOMS", 50))
+
+    @property
     def ROOM_LIST_POLL_SECONDS(self) -> float:
         """How often the room list page asks ``GET /chat/api/rooms/`` for unread counts and
         new rooms, in seconds."""

@@ -41,6 +41,10 @@ class NotMember(Exception):
     pass
 
 
+class TooManyRooms(Exception):
+    """The creator owns CHAT_MAX_OWNED_ROOMS rooms already."""
+
+
 class OwnerStays(Exception):
     """The owner cannot be removed from (or leave) their own room."""
 
@@ -79,9 +83,17 @@ def get_room_to_manage(user: AnyUser, slug: str) -> Room:
 
 
 def create_room(user: User, new: rooms_protocol.NewRoom) -> Room:
-    """Create the room owned by ``user``, who becomes its first member."""
+    """Create the room owned by ``user``, who becomes its first member.
+
+    Raises SlugTaken, or TooManyRooms when a non-staff user owns CHAT_MAX_OWNED_ROOMS."""
     try:
         with transaction.atomic():
+            # Every room is a row, a page and a line in everyone's list: creation is bounded.
+            # Two concurrent creations may both pass the count; the bound is not a quota that
+            # must hold to the room, only a stop to a script creating rooms in a loop.
+            owned = Room.objects.filter(owner=user).count()
+            if not user.is_staff and owned >= app_settings.MAX_OWNED_ROOMS:
+                raise TooManyRooms(owned)
             room = Room.objects.create(
                 slug=new.slug, title=new.title, is_private=new.is_private, owner=user
             )

@@ -30,6 +30,7 @@ TOO_LARGE = "too_large"  # 413: the body is over MAX_BODY_BYTES
 SLUG_TAKEN = "slug_taken"  # 409
 ALREADY_MEMBER = "already_member"  # 409
 OWNER_STAYS = "owner_stays"  # 409: the owner cannot be removed from their room
+TOO_MANY_ROOMS = "too_many_rooms"  # 409: the creator owns CHAT_MAX_OWNED_ROOMS rooms already
 NOT_FOUND = "not_found"  # 404: no such room, user or membership
 FORBIDDEN = "forbidden"  # 403
 UNAUTHENTICATED = "unauthenticated"  # 401

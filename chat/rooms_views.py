@@ -116,6 +116,8 @@ def rooms_collection(request: HttpRequest) -> HttpResponse:
         room = rooms.create_room(request.user, new)  # type: ignore[arg-type]
     except rooms.SlugTaken:
         return error_response(409, rp.SLUG_TAKEN, "A room with this slug exists.", "slug")
+    except rooms.TooManyRooms:
+        return error_response(409, rp.TOO_MANY_ROOMS, "You own as many rooms as allowed.")
     return _json(_room_json(rooms.room_info(request.user, room)), status=201)
 
 

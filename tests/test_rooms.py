@@ -170,6 +170,17 @@ def test_staff_only_creators(alice: User, staff: User) -> None:
     assert list(Room.objects.values_list("slug", flat=True)) == ["s"]
 
 
+@override_settings(CHAT_MAX_OWNED_ROOMS=2)
+def test_owned_rooms_are_bounded_except_for_staff(alice: User, staff: User) -> None:
+    owner = csrf_client(alice)
+    for slug in ("a1", "a2"):
+        assert call(owner, "POST", API, {"slug": slug, "title": slug})[0] == 201
+    assert code(call(owner, "POST", API, {"slug": "a3", "title": "A3"})) == (409, "too_many_rooms")
+    for slug in ("s1", "s2", "s3"):
+        assert call(csrf_client(staff), "POST", API, {"slug": slug, "title": slug})[0] == 201
+    assert Room.objects.filter(owner=alice).count() == 2
+
+
 def test_bad_room_creators_value_is_a_check_error() -> None:
     with override_settings(CHAT_ROOM_CREATORS="everyone"):
         ids = [m.id for m in run_checks()]
@@ -197,11 +208,18 @@ def test_patch_access(alice: User, bob: User, carol: User, staff: User, secret: 
     assert code(call(csrf_client(alice), "PATCH", path, {})) == (400, "bad_request")
 
 
-def test_room_detail_json_for_members_only(bob: User, carol: User, secret: Room) -> None:
+def test_room_detail_json_for_members_only(
+    bob: User, carol: User, staff: User, secret: Room
+) -> None:
     status, body = call(csrf_client(bob), "GET", f"{API}secret/")
     assert status == 200
     assert body["members"] == ["alice", "bob"] and body["may_manage"] is False
     assert code(call(csrf_client(carol), "GET", f"{API}secret/")) == (403, "forbidden")
+    # Staff outside the private room manage it: they see it, with nothing counted as unread.
+    Room.objects.filter(pk=secret.pk).update(last_seq=7)
+    status, body = call(csrf_client(staff), "GET", f"{API}secret/")
+    assert (status, body["may_manage"], body["unread"], body["member_count"]) == (200, True, 0, 2)
+    assert call(csrf_client(bob), "GET", f"{API}secret/")[1]["unread"] == 7
 
 
 # --- members ---------------------------------------------------------------------------------
