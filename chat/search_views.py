@@ -7,7 +7,7 @@ from typing import Any
 
 from django.contrib.auth.views import redirect_to_login
 from django.db import DatabaseError
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
@@ -70,7 +70,12 @@ def search_room(request: HttpRequest, slug: str) -> HttpResponse:
     try:
         room = services.get_room_for(request.user, slug)
     except services.RoomNotFound:
+        if _wants_html(request):
+            raise Http404("No such room.") from None
         return error_response(404, "not_found", "No such room.")
     except services.AccessDenied:
+        if _wants_html(request):
+            private = Room.objects.select_related("owner").get(slug=slug)
+            return render(request, "chat/room_forbidden.html", {"room": private}, status=403)
         return error_response(403, "forbidden", "You are not a member of this room.")
     return _respond(request, Room.objects.filter(pk=room.pk), room)

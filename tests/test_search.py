@@ -72,6 +72,9 @@ def test_private_room_search_is_for_members_only(bob: User, rooms: object) -> No
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "forbidden"
     assert login(bob).get("/chat/nope/search/", {"q": "x"}).status_code == 404
+    page = login(bob).get("/chat/secret/search/", {"q": "deploy", "format": "html"})
+    assert page.status_code == 403 and "Secret is a private room" in page.content.decode()
+    assert "secret deploy plan" not in page.content.decode()
 
 
 def test_anonymous_gets_401_json_and_a_login_redirect_for_the_page(rooms: object) -> None:
