@@ -25,7 +25,9 @@ _SAFE_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE")
 
 class _JsonCsrf(CsrfViewMiddleware):
     """Django's CSRF check, refusing with a JSON error instead of the HTML failure page: a
-    host page's script can tell a stale token from other refusals."""
+    host page's script can tell a stale token from other refusals. ``_reject`` is the
+    middleware's one refusal hook (private, unchanged since Django 1.x; the CSRF tests in
+    tests/test_rooms.py fail if it changes)."""
 
     def _reject(self, request: HttpRequest, reason: str) -> HttpResponse:
         return error_response(403, rp.CSRF_FAILED, f"CSRF check failed: {reason}")
