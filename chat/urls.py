@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import assistant_views, views
+from . import views
+from .assistant import views as assistant_views
 
 app_name = "chat"
 

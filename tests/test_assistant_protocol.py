@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from chat import assistant_protocol as ap
 from chat import sse
+from chat.assistant import protocol as ap
 
 LIMITS = ap.RequestLimits(max_bytes=500, max_messages=3, max_content_chars=20)
 

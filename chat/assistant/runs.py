@@ -1,8 +1,8 @@
 """Room replies that outlive the process streaming them.
 
-A reply runs as a task in one process (chat/assistant.py). If that process dies (SIGKILL, OOM,
-a crashed host), its task dies with it and nothing would ever store the reply or tell the
-members it ended. So every running reply has an ``AssistantRun`` row:
+A reply runs as a task in one process (chat/assistant/replies.py). If that process dies
+(SIGKILL, OOM, a crashed host), its task dies with it and nothing would ever store the reply
+or tell the members it ended. So every running reply has an ``AssistantRun`` row:
 
 - the owner inserts it when the reply starts, refreshes ``heartbeat_at`` and the text so far
   every ``CHAT_ASSISTANT_HEARTBEAT_SECONDS`` (one UPDATE per reply), and deletes it in the
@@ -35,10 +35,10 @@ from django.utils import timezone
 
 from realtime_kit import drain
 
-from . import assistant_protocol as ap
-from . import protocol, services
-from .conf import app_settings
-from .models import AssistantRun
+from .. import protocol, services
+from ..conf import app_settings
+from ..models import AssistantRun
+from . import protocol as ap
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def claim_stale() -> list[Orphan]:
 def store_orphan(orphan: Orphan) -> int | None:
     """Store a claimed run's text as interrupted and delete the run; the message's seq."""
     # Imported here: assistant imports this module.
-    from .assistant import assistant_user
+    from .replies import assistant_user
 
     with transaction.atomic():
         if not AssistantRun.objects.filter(pk=orphan.pk, owner=orphan.owner).delete()[0]:
@@ -182,7 +182,7 @@ def ensure_sweeper() -> None:
     loop = asyncio.get_running_loop()
     task = _sweepers.get(loop)
     if task is None or task.done():
-        _sweepers[loop] = loop.create_task(_sweep_loop(), name="chat.assistant_runs.sweeper")
+        _sweepers[loop] = loop.create_task(_sweep_loop(), name="chat.assistant.runs.sweeper")
 
 
 async def stop_sweeper() -> None:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .llm.base import ROLES, ChatMessage
+from ..llm.base import ROLES, ChatMessage
 
 # Codes of the endpoint's 400 answers: {"error": {"code": ..., "message": ...}}.
 BAD_CONTENT_TYPE = "bad_content_type"

@@ -29,10 +29,12 @@ from realtime_kit import drain
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant_protocol, quotas, sse
-from .conf import app_settings
-from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
-from .paging import error_response
+from .. import sse
+from ..conf import app_settings
+from ..llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+from ..paging import error_response
+from . import protocol as assistant_protocol
+from . import quotas
 
 logger = logging.getLogger(__name__)
 
