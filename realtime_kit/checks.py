@@ -149,7 +149,7 @@ def _check_http(application: Any) -> list[CheckMessage]:
     from django.apps import apps
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    from chat.backpressure import DaphneBackpressure
+    from .backpressure import DaphneBackpressure
 
     chain = list(wrappers(http_app(application)))
     warnings: list[CheckMessage] = []
