@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import sse
+from realtime_kit import sse
 
 # SSE event names.
 EVENT_NOTIFICATION = "notification"

@@ -28,11 +28,11 @@ from collections.abc import AsyncIterator
 
 from django.db import DatabaseError
 
-from realtime_kit import drain
+from realtime_kit import drain, sse
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 from realtime_kit.metrics import metrics
 
-from . import protocol, services, sse
+from . import protocol, services
 from .conf import app_settings
 from .hub import Ended, Range, Subscription, UnreadChanged, get_hub
 

@@ -1,4 +1,4 @@
-"""The SSE encoding and the notifications wire format: pure functions, plain strings."""
+"""The SSE encoding (realtime_kit/sse.py) and the notifications wire format: pure, plain strings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
-from notifications import protocol, sse
+from notifications import protocol
+from realtime_kit import sse
 
 CREATED = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
 
@@ -39,6 +40,9 @@ def test_event_with_id_and_name() -> None:
 
 def test_data_only_event() -> None:
     assert sse.encode_event("x") == "data: x\n\n"
+    # An empty name is left out: clients dispatch it as "message" either way.
+    assert sse.encode_event("x", event="") == "data: x\n\n"
+    assert decode(sse.encode_event("x", event="")) == [("message", "x", "")]
 
 
 def test_multi_line_data_becomes_several_data_lines() -> None:
