@@ -20,12 +20,13 @@ import contextlib
 import logging
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.layers import get_channel_layer
+
+from realtime_kit.loops import per_loop
 
 from . import protocol
 from .conf import app_settings
@@ -371,23 +372,20 @@ def _apply(state: State, delta: dict[int, int], names: dict[int, str]) -> State:
     return result
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PresenceHub] = (
-    weakref.WeakKeyDictionary()
-)
+def _new_hub() -> PresenceHub:
+    return PresenceHub(
+        get_store(),
+        get_channel_layer(),
+        Timing(app_settings.PRESENCE_TIMEOUT_SECONDS),
+        settle_seconds=app_settings.PRESENCE_SETTLE_SECONDS,
+        min_interval_seconds=app_settings.PRESENCE_MIN_INTERVAL_SECONDS,
+        typing_throttle_seconds=app_settings.TYPING_THROTTLE_SECONDS,
+    )
+
+
+_hubs = per_loop(_new_hub)
 
 
 def get_hub() -> PresenceHub:
     """The hub of the running event loop (one per process under daphne)."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        hub = PresenceHub(
-            get_store(),
-            get_channel_layer(),
-            Timing(app_settings.PRESENCE_TIMEOUT_SECONDS),
-            settle_seconds=app_settings.PRESENCE_SETTLE_SECONDS,
-            min_interval_seconds=app_settings.PRESENCE_MIN_INTERVAL_SECONDS,
-            typing_throttle_seconds=app_settings.TYPING_THROTTLE_SECONDS,
-        )
-        _hubs[loop] = hub
-    return hub
+    return _hubs.get()

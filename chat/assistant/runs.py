@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +33,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from realtime_kit import drain
+from realtime_kit.loops import per_loop
 
 from .. import protocol, services
 from ..conf import app_settings
@@ -172,22 +172,25 @@ async def _sweep_loop() -> None:
         await asyncio.sleep(interval)
 
 
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
-    weakref.WeakKeyDictionary()
-)
+def _start_sweeper() -> asyncio.Task[None]:
+    loop = asyncio.get_running_loop()
+    return loop.create_task(_sweep_loop(), name="chat.assistant.runs.sweeper")
+
+
+_sweepers = per_loop(_start_sweeper)
 
 
 def ensure_sweeper() -> None:
     """Start this event loop's sweeper if it is not running (call from async code)."""
-    loop = asyncio.get_running_loop()
-    task = _sweepers.get(loop)
-    if task is None or task.done():
-        _sweepers[loop] = loop.create_task(_sweep_loop(), name="chat.assistant.runs.sweeper")
+    task = _sweepers.peek()
+    if task is not None and task.done():
+        _sweepers.pop()
+    _sweepers.get()
 
 
 async def stop_sweeper() -> None:
     """Drain callback: a process going away takes over nothing more."""
-    task = _sweepers.pop(asyncio.get_running_loop(), None)
+    task = _sweepers.pop()
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
