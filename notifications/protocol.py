@@ -87,11 +87,6 @@ def unread_json(count: int, last_id: int) -> str:
     return _dumps({"count": int(count), "last_id": int(last_id)})
 
 
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The JSON body of an error response (the shape chat's JSON endpoints use too)."""
-    return {"error": {"code": code, "message": message, **extra}}
-
-
 # --- SSE --------------------------------------------------------------------------------------
 
 

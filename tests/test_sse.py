@@ -10,6 +10,7 @@ from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from notifications import protocol
 from realtime_kit import sse
+from realtime_kit.responses import error_body
 
 CREATED = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
 
@@ -163,6 +164,6 @@ def test_batch_items_refuse_garbage(raw: object) -> None:
 
 
 def test_error_body() -> None:
-    assert protocol.error_body("too_many_streams", "m", limit=10) == {
+    assert error_body("too_many_streams", "m", limit=10) == {
         "error": {"code": "too_many_streams", "message": "m", "limit": 10}
     }

@@ -29,9 +29,9 @@ from realtime_kit import drain
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
+from ..api import error_response
 from ..conf import app_settings
 from ..llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
-from ..paging import error_response
 from . import protocol as assistant_protocol
 from . import quotas
 
