@@ -65,15 +65,15 @@ async def stream(request: HttpRequest) -> HttpResponseBase:
     except ValueError as exc:
         return json_error(400, protocol.BAD_LAST_EVENT_ID, str(exc))
     try:
-        slot = await reserve(user.pk)
+        lease = await reserve(user.pk)
     except TooManyStreams as exc:
         response = json_error(429, protocol.TOO_MANY_STREAMS, str(exc), limit=exc.limit)
         response["Retry-After"] = str(TOO_MANY_STREAMS_RETRY_AFTER_SECONDS)
         return response
-    body = NotificationStream(user.pk, last_event_id, slot).events()
-    # The generator's finally releases the slot; if the client leaves before the body starts
+    body = NotificationStream(user.pk, last_event_id, lease).events()
+    # The generator's finally releases the lease; if the client leaves before the body starts
     # the generator never runs, and this releases it when the generator is collected.
-    weakref.finalize(body, slot.release)
+    weakref.finalize(body, lease.release_soon)
     events = StreamingHttpResponse(body, content_type="text/event-stream")
     events["Cache-Control"] = "no-cache"
     events["X-Accel-Buffering"] = "no"
