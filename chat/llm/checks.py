@@ -47,7 +47,7 @@ def check_assistant_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
     }
     for name, value in non_negative.items():
         if value < 0:
-            errors.append(Error(f"{name} must not be negative, got {value}.", id="chat.E101"))
+            errors.append(Error(f"{name} must not be negative, got {value}.", id="chat.E104"))
     return errors
 
 
