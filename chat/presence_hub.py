@@ -200,9 +200,8 @@ class PresenceHub:
         if room_id in self.rooms:
             self._mark_dirty(room_id)
         try:
-            await self.layer.group_send(
-                presence_group(room_id), {"type": "presence.changed", "room_id": room_id}
-            )
+            event = {"type": protocol.EVENT_PRESENCE_CHANGED, "room_id": room_id}
+            await self.layer.group_send(presence_group(room_id), event)
         except Exception:
             # Other processes still converge at their next sweep.
             logger.warning("Could not announce a presence change", exc_info=True)
@@ -313,7 +312,7 @@ class PresenceHub:
                 logger.warning("Presence channel receive failed", exc_info=True)
                 await asyncio.sleep(1)
                 continue
-            if message.get("type") == "presence.changed":
+            if message.get("type") == protocol.EVENT_PRESENCE_CHANGED:
                 self._mark_dirty(int(message["room_id"]))
 
     async def _heartbeat_loop(self) -> None:

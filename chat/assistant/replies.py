@@ -257,7 +257,7 @@ async def request_stop(
     if layer is None:
         return
     event = {
-        "type": "assistant.stop",
+        "type": protocol.EVENT_ASSISTANT_STOP,
         "stream_id": stream_id,
         "user_id": user.pk,
         "is_staff": bool(user.is_staff),
@@ -273,7 +273,7 @@ async def request_snapshots(room_id: int, reply_to: str, conn_id: str) -> None:
     ``conn_id`` through the room hub listening on channel ``reply_to``."""
     layer = get_channel_layer()
     if layer is not None:
-        event = {"type": "assistant.snapshot", "reply_to": reply_to, "to": conn_id}
+        event = {"type": protocol.EVENT_ASSISTANT_SNAPSHOT, "reply_to": reply_to, "to": conn_id}
         await layer.group_send(control_group(room_id), event)
 
 
@@ -504,9 +504,9 @@ async def _listen(reply: Reply, layer: Any, channel: str) -> None:
 async def _control(reply: Reply, layer: Any, event: dict[str, Any]) -> None:
     kind = event.get("type")
     reply_to = event.get("reply_to")
-    if kind == "assistant.snapshot" and reply.started and reply_to:
+    if kind == protocol.EVENT_ASSISTANT_SNAPSHOT and reply.started and reply_to:
         await _answer(reply, layer, event, reply.snapshot_frame())
-    elif kind == "assistant.stop" and event.get("stream_id") == reply.stream_id:
+    elif kind == protocol.EVENT_ASSISTANT_STOP and event.get("stream_id") == reply.stream_id:
         if event.get("user_id") == reply.requester_id or event.get("is_staff"):
             reply.request_stop()
         elif reply_to:
