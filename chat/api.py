@@ -41,9 +41,12 @@ def parse_int(value: str | None, name: str, *, default: int, minimum: int) -> in
     return int(value)
 
 
-def error_response(status: int, code: str, message: str) -> JsonResponse:
-    """``{"error": {"code": ..., "message": ...}}``, the error shape of the chat JSON views."""
-    return json_error(status, code, message)
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
+    """``{"error": {"code": ..., "message": ...}}``, the error shape of the chat JSON views
+    (with ``field`` naming the request field that was refused, when there is one)."""
+    if field is None:
+        return json_error(status, code, message)
+    return json_error(status, code, message, field=field)
 
 
 # What a client is told to wait before retrying a request the database could not serve: a
