@@ -12,11 +12,11 @@ class ChatConfig(AppConfig):
         from realtime_kit import drain
 
         from . import (
-            assistant,
-            assistant_runs,
             checks,  # noqa: F401  (registers system checks)
             signals,
         )
+        from .assistant import replies as assistant
+        from .assistant import runs as assistant_runs
 
         signals.connect()
         # On a restart, running room replies are stored as interrupted and their end is

@@ -53,9 +53,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,
         "CHAT_SEARCH_MAX_QUERY_CHARS": app_settings.SEARCH_MAX_QUERY_CHARS,
     }
-    for name, value in positive.items():
-        if value <= 0:
-            errors.append(Error(f"{name} must be positive, got {value}.", id="chat.E001"))
+    errors.extend(kit_checks.positive_errors(positive, "chat.E001"))
     heartbeat = app_settings.ASSISTANT_HEARTBEAT_SECONDS
     if 0 < heartbeat and app_settings.ASSISTANT_TAKEOVER_SECONDS < 3 * heartbeat:
         errors.append(

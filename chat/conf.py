@@ -203,7 +203,7 @@ class ChatSettings:
         ``CHAT_REDIS_URL``); more are closed with 4429."""
         return int(self._get("MAX_SOCKETS_PER_USER", 20))
 
-    # --- assistant (chat/llm, chat/assistant.py, the /chat/assistant/ endpoint) ---------
+    # --- assistant (chat/llm, chat/assistant/, the /chat/assistant/ endpoint) -----------
 
     @property
     def ASSISTANT_BACKEND(self) -> str:

@@ -37,7 +37,9 @@ from django.db import DatabaseError
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant, assistant_runs, ingest, protocol, quotas, services
+from . import ingest, protocol, quotas, services
+from .assistant import replies as assistant
+from .assistant import runs as assistant_runs
 from .conf import app_settings
 from .delivery import inbound, writers
 from .delivery.hub import Detached, RoomHub, get_room_hub
@@ -164,7 +166,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         self.session_key = getattr(session, "session_key", None) or ""
         self.hub = get_room_hub()
-        # This process ends the room replies of processes that died (chat/assistant_runs.py).
+        # This process ends the room replies of processes that died (chat/assistant/runs.py).
         assistant_runs.ensure_sweeper()
         # Cluster-wide with CHAT_REDIS_URL (leases expire if this process dies).
         self.socket_lease = await quotas.sockets.acquire(self.user_id, self.conn_id)
@@ -460,7 +462,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self._error(protocol.RATE_LIMITED, message, cid)
 
     async def _ask_assistant(self, message: Message) -> None:
-        # The reply runs in chat.assistant's registry, not here: it outlives this socket.
+        # The reply runs in chat.assistant.replies's registry, not here: it outlives this socket.
         try:
             await assistant.request_reply(self.room, self.user, message)
         except assistant.AssistantRefused as exc:

@@ -30,8 +30,8 @@ from django.db import close_old_connections
 from django.http import StreamingHttpResponse
 
 from . import protocol
+from .api import BadParameter
 from .models import Message
-from .paging import BadParameter
 
 logger = logging.getLogger(__name__)
 

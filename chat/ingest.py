@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.layers import get_channel_layer
 
+from realtime_kit.loops import PerLoop, per_loop
 from realtime_kit.metrics import metrics
 
 from .conf import app_settings
@@ -45,9 +45,7 @@ class _Queue:
 
 
 # Per event loop (one under daphne; one per test), then per room id.
-_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _Queue]] = (
-    weakref.WeakKeyDictionary()
-)
+_queues: PerLoop[dict[int, _Queue]] = per_loop(dict)
 
 
 async def post(room_id: int, request: PostRequest) -> PostResult:
@@ -55,7 +53,7 @@ async def post(room_id: int, request: PostRequest) -> PostResult:
 
     Raises what ``services.post_message`` raises: RateLimited, Revoked, DatabaseError."""
     loop = asyncio.get_running_loop()
-    rooms = _queues.setdefault(loop, {})
+    rooms = _queues.get()
     queue = rooms.setdefault(room_id, _Queue())
     future: asyncio.Future[PostResult] = loop.create_future()
     queue.waiting.append((request, future))

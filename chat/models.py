@@ -125,7 +125,7 @@ class AssistantRun(models.Model):
     of the process streaming it: that process refreshes ``heartbeat_at`` and ``text`` every
     ``CHAT_ASSISTANT_HEARTBEAT_SECONDS``; once the heartbeat is ``CHAT_ASSISTANT_TAKEOVER_SECONDS``
     old another process stores ``text`` as an interrupted reply and ends the stream
-    (chat/assistant_runs.py). The row is deleted when the reply ends."""
+    (chat/assistant/runs.py). The row is deleted when the reply ends."""
 
     stream_id = models.CharField(max_length=64, unique=True)
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")

@@ -2,46 +2,21 @@
 
 Pages walk backwards by seq (keyset, never OFFSET), each page oldest first, in the shape
 docs/protocol.md describes: ``{"messages": [...], "has_more": ..., "next_before": ...}``.
+Parameters are read with chat/api.py's strict parser.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.db import DatabaseError
 from django.http import JsonResponse
-from django.http.response import HttpResponseBase
 
 from . import protocol
+from .api import parse_int
 from .models import Message, Room
-
-logger = logging.getLogger(__name__)
-
-# Largest value of a PostgreSQL bigint: a larger query parameter would be a database error.
-MAX_SEQ = 2**63 - 1
-
-_DIGITS = re.compile(r"[0-9]{1,19}")
-
-
-class BadParameter(ValueError):
-    """A query parameter of an export or history request is unusable (HTTP 400)."""
-
-
-def parse_int(value: str | None, name: str, *, default: int, minimum: int) -> int:
-    """Parse a query parameter of ASCII digits between ``minimum`` and MAX_SEQ."""
-    if value is None:
-        return default
-    # int() would also take " 5", "+5", "5_000" and non-ASCII digits.
-    if not _DIGITS.fullmatch(value) or not minimum <= int(value) <= MAX_SEQ:
-        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, "an integer")
-        raise BadParameter(f"{name} must be {kind}, got {value[:20]!r}.")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -84,39 +59,3 @@ def page_response(room: Room, params: PageParams) -> JsonResponse:
 
 
 apage_response = sync_to_async(page_response)
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
-    """``{"error": {"code": ..., "message": ...}}``, the error shape of the chat JSON views
-    (with ``field`` naming the request field that was refused, when there is one)."""
-    error = {"code": code, "message": message}
-    if field is not None:
-        error["field"] = field
-    return JsonResponse({"error": error}, status=status)
-
-
-# What a client is told to wait before retrying a request the database could not serve: a
-# database restart takes seconds (docs/deployment.md, "Faults").
-UNAVAILABLE_RETRY_SECONDS = 5
-
-_View = TypeVar("_View", bound=Callable[..., Awaitable[HttpResponseBase]])
-
-
-def unavailable_on_database_error(view: _View) -> _View:
-    """Answer a database failure of an async JSON view with 503 ``unavailable`` (not a 500
-    page): the client retries after ``Retry-After``. A failure once a streamed body has
-    started ends the stream instead (the export is resumed with ``after=``)."""
-
-    @functools.wraps(view)
-    async def wrapper(*args: Any, **kwargs: Any) -> HttpResponseBase:
-        try:
-            return await view(*args, **kwargs)
-        except DatabaseError:
-            logger.warning("Database unavailable for %s", view.__name__, exc_info=True)
-            response = error_response(
-                503, protocol.UNAVAILABLE, "The database is unavailable; retry shortly."
-            )
-            response["Retry-After"] = str(UNAVAILABLE_RETRY_SECONDS)
-            return response
-
-    return cast(_View, wrapper)

@@ -20,12 +20,13 @@ import contextlib
 import logging
 import random
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from channels.layers import get_channel_layer
+
+from realtime_kit.loops import per_loop
 
 from . import protocol
 from .conf import app_settings
@@ -199,9 +200,8 @@ class PresenceHub:
         if room_id in self.rooms:
             self._mark_dirty(room_id)
         try:
-            await self.layer.group_send(
-                presence_group(room_id), {"type": "presence.changed", "room_id": room_id}
-            )
+            event = {"type": protocol.EVENT_PRESENCE_CHANGED, "room_id": room_id}
+            await self.layer.group_send(presence_group(room_id), event)
         except Exception:
             # Other processes still converge at their next sweep.
             logger.warning("Could not announce a presence change", exc_info=True)
@@ -312,7 +312,7 @@ class PresenceHub:
                 logger.warning("Presence channel receive failed", exc_info=True)
                 await asyncio.sleep(1)
                 continue
-            if message.get("type") == "presence.changed":
+            if message.get("type") == protocol.EVENT_PRESENCE_CHANGED:
                 self._mark_dirty(int(message["room_id"]))
 
     async def _heartbeat_loop(self) -> None:
@@ -371,23 +371,20 @@ def _apply(state: State, delta: dict[int, int], names: dict[int, str]) -> State:
     return result
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PresenceHub] = (
-    weakref.WeakKeyDictionary()
-)
+def _new_hub() -> PresenceHub:
+    return PresenceHub(
+        get_store(),
+        get_channel_layer(),
+        Timing(app_settings.PRESENCE_TIMEOUT_SECONDS),
+        settle_seconds=app_settings.PRESENCE_SETTLE_SECONDS,
+        min_interval_seconds=app_settings.PRESENCE_MIN_INTERVAL_SECONDS,
+        typing_throttle_seconds=app_settings.TYPING_THROTTLE_SECONDS,
+    )
+
+
+_hubs = per_loop(_new_hub)
 
 
 def get_hub() -> PresenceHub:
     """The hub of the running event loop (one per process under daphne)."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        hub = PresenceHub(
-            get_store(),
-            get_channel_layer(),
-            Timing(app_settings.PRESENCE_TIMEOUT_SECONDS),
-            settle_seconds=app_settings.PRESENCE_SETTLE_SECONDS,
-            min_interval_seconds=app_settings.PRESENCE_MIN_INTERVAL_SECONDS,
-            typing_throttle_seconds=app_settings.TYPING_THROTTLE_SECONDS,
-        )
-        _hubs[loop] = hub
-    return hub
+    return _hubs.get()

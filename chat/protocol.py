@@ -49,6 +49,12 @@ EVENT_UPDATE = "chat.message_update"
 EVENT_ASSISTANT = "assistant.frame"
 EVENT_REVOKE = "chat.revoke"
 EVENT_RECHECK = "chat.recheck"
+# A room's presence changed: each process's presence hub re-reads the store (presence_hub.py).
+EVENT_PRESENCE_CHANGED = "presence.changed"
+# To a running reply's control channel (assistant/replies.py): stop it, or snapshot it to a
+# socket that joined mid-reply. Not the client's ``assistant.stop`` frame, whose name it shares.
+EVENT_ASSISTANT_STOP = "assistant.stop"
+EVENT_ASSISTANT_SNAPSHOT = "assistant.snapshot"
 
 MAX_CLIENT_ID_LENGTH = 64
 # Largest seq or update_seq (a PostgreSQL bigint).

@@ -3,19 +3,13 @@
 Without it (the embedded default) each process counts its own users, which is exact for one
 process. The counters are ``realtime_kit`` leases (a place held while something runs,
 expiring ``CHAT_LEASE_TTL_SECONDS`` after its process stops refreshing it) and sliding
-windows. Every key is named here, under ``CHAT_REDIS_KEY_PREFIX``:
+windows. Every key lives under ``CHAT_REDIS_KEY_PREFIX``; the assistant's three limits are in
+chat/assistant/quotas.py, on the same store:
 
 - ``<prefix>:sockets:<user id>``: open chat WebSockets (``sockets``). Fails **open**: the cap
   only guards against a runaway client, and Redis being down must not lock people out.
-- ``<prefix>:assistant-replies:<user id>``: running room replies (``room_replies``).
-- ``<prefix>:panel-streams:<user id>``: open private panel streams (``panel_streams``).
-- ``<prefix>:panel-starts:<user id>``: panel starts in the rate window (``panel_starts``).
 - ``<prefix>:edits:<user id>``: message edits and deletes in the rate window (``edits``).
   Fails **open**: an edit costs one small transaction, like a message.
-
-The three assistant limits fail **closed** (``StoreUnavailable``; callers answer
-``unavailable``): each admitted request costs a model call, and an outage of the store must
-not become unlimited spending.
 
 The consumer holds a socket's place from connect to disconnect::
 
@@ -27,99 +21,27 @@ The consumer holds a socket's place from connect to disconnect::
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-
-from realtime_kit.leases import Lease, StoreConfig, StoreUnavailable, UserLimit
+from realtime_kit.leases import StoreConfig, StoreUnavailable, UserLimit
 from realtime_kit.rates import UserRate
 
 from .conf import app_settings
 
-__all__ = [
-    "BUSY",
-    "RATE_LIMITED",
-    "UNAVAILABLE",
-    "Refused",
-    "StoreUnavailable",
-    "acquire_panel_stream",
-    "edits",
-    "panel_starts",
-    "panel_streams",
-    "room_replies",
-    "sockets",
-]
-
-BUSY = "assistant_busy"
-RATE_LIMITED = "rate_limited"
-UNAVAILABLE = "unavailable"
-# Seconds a client refused for a busy slot (or a store outage) should wait before retrying.
-BUSY_RETRY_AFTER_SECONDS = 1.0
-UNAVAILABLE_RETRY_AFTER_SECONDS = 5.0
+__all__ = ["StoreUnavailable", "edits", "sockets", "store"]
 
 
-def _store() -> StoreConfig:
+def store() -> StoreConfig:
+    """The store every chat limit counts in (read at each call: settings stay lazy)."""
     return StoreConfig.from_settings(app_settings)
 
 
 sockets = UserLimit(
-    "sockets", store=_store, limit=lambda: app_settings.MAX_SOCKETS_PER_USER, fail_open=True
-)
-room_replies = UserLimit(
-    "assistant-replies",
-    store=_store,
-    limit=lambda: app_settings.ASSISTANT_MAX_CONCURRENT_PER_USER,
-    fail_open=False,
-)
-panel_streams = UserLimit(
-    "panel-streams",
-    store=_store,
-    limit=lambda: app_settings.ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER,
-    fail_open=False,
-)
-panel_starts = UserRate(
-    "panel-starts",
-    store=_store,
-    limit=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT,
-    window_seconds=lambda: app_settings.ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS,
-    fail_open=False,
+    "sockets", store=store, limit=lambda: app_settings.MAX_SOCKETS_PER_USER, fail_open=True
 )
 
 edits = UserRate(
     "edits",
-    store=_store,
+    store=store,
     limit=lambda: app_settings.EDIT_RATE_LIMIT,
     window_seconds=lambda: app_settings.EDIT_RATE_LIMIT_WINDOW_SECONDS,
     fail_open=True,
 )
-
-
-@dataclass(frozen=True)
-class Refused:
-    code: str  # BUSY, RATE_LIMITED or UNAVAILABLE
-    retry_after_seconds: float
-
-
-async def acquire_panel_stream(user_id: int) -> Lease | Refused:
-    """Hold one of the user's panel streams and count its start, or say why not.
-
-    The open-streams cap is checked first, so a start refused as busy does not use up the
-    rate window; a start refused by the rate gives its stream place back.
-    """
-    try:
-        lease = await panel_streams.acquire(user_id, uuid.uuid4().hex)
-    except StoreUnavailable:
-        return Refused(UNAVAILABLE, UNAVAILABLE_RETRY_AFTER_SECONDS)
-    if lease is None:
-        return Refused(BUSY, BUSY_RETRY_AFTER_SECONDS)
-    try:
-        wait = await panel_starts.hit(user_id)
-    except StoreUnavailable:
-        await lease.release()
-        return Refused(UNAVAILABLE, UNAVAILABLE_RETRY_AFTER_SECONDS)
-    except BaseException:
-        await lease.release()
-        raise
-    if wait > 0:
-        await lease.release()
-        return Refused(RATE_LIMITED, wait)
-    return lease

@@ -15,8 +15,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from . import rooms, services
 from . import rooms_protocol as rp
+from .api import UNAVAILABLE_RETRY_SECONDS, error_response
 from .models import Room
-from .paging import UNAVAILABLE_RETRY_SECONDS, error_response
 
 _View = Callable[..., HttpResponse]
 

@@ -16,8 +16,8 @@ from django.db.models import BooleanField, QuerySet
 from django.db.models.expressions import RawSQL
 from django.urls import reverse
 
+from .api import MAX_SEQ, BadParameter, parse_int
 from .models import Message, Room
-from .paging import MAX_SEQ, BadParameter, parse_int
 
 # Text search configuration of the index and of every query: "simple" lowercases words and
 # stems nothing, so it works alike for every language a room may speak. The query must use

@@ -12,9 +12,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from . import search, services
+from .api import UNAVAILABLE_RETRY_SECONDS, BadParameter, error_response
 from .conf import app_settings
 from .models import Room
-from .paging import UNAVAILABLE_RETRY_SECONDS, BadParameter, error_response
 
 
 def _wants_html(request: HttpRequest) -> bool:

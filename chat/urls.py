@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import assistant_views, rooms_views, search_views, views
+from . import rooms_views, search_views, views
+from .assistant import views as assistant_views
 
 app_name = "chat"
 

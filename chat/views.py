@@ -12,17 +12,11 @@ from django.views.decorators.http import require_GET
 from realtime_kit.metrics import ametrics_response
 
 from . import protocol, rooms, services
+from .api import BadParameter, error_response, parse_int, unavailable_on_database_error
 from .conf import app_settings
 from .export import RoomSnapshot, export_response, parse_format
 from .models import Room
-from .paging import (
-    BadParameter,
-    apage_response,
-    error_response,
-    parse_int,
-    parse_page_params,
-    unavailable_on_database_error,
-)
+from .paging import apage_response, parse_page_params
 from .presence_hub import get_hub
 from .routing import room_ws_path
 

@@ -30,12 +30,10 @@ def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list
         "NOTIFICATIONS_STREAM_QUEUE_LIMIT": app_settings.STREAM_QUEUE_LIMIT,
         "NOTIFICATIONS_LEASE_TTL_SECONDS": app_settings.LEASE_TTL_SECONDS,
     }
-    for name, value in positive.items():
-        if value <= 0:
-            errors.append(Error(f"{name} must be positive, got {value}.", id="notifications.E001"))
+    errors.extend(kit_checks.positive_errors(positive, "notifications.E001"))
     if app_settings.RETRY_MILLISECONDS < 0:
         errors.append(
-            Error("NOTIFICATIONS_RETRY_MILLISECONDS must not be negative.", id="notifications.E001")
+            Error("NOTIFICATIONS_RETRY_MILLISECONDS must not be negative.", id="notifications.E005")
         )
     for name, count in {
         "NOTIFICATIONS_MAX_MENTIONS": app_settings.MAX_MENTIONS,
@@ -44,7 +42,7 @@ def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list
         if count < 0:
             errors.append(
                 Error(
-                    f"{name} must not be negative (0 turns mentions off).", id="notifications.E001"
+                    f"{name} must not be negative (0 turns mentions off).", id="notifications.E005"
                 )
             )
     if app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS <= 0:

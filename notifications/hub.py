@@ -19,11 +19,12 @@ import contextlib
 import contextvars
 import logging
 import sys
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from channels.layers import BaseChannelLayer, get_channel_layer
+
+from realtime_kit.loops import per_loop
 
 from . import protocol, services
 from .conf import app_settings
@@ -268,20 +269,16 @@ class Hub:
         return result.more
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+_hubs = per_loop(Hub)
 
 
 async def end_streams() -> None:
     """Drain callback: end the streams of the running loop's hub, if it has one."""
-    hub = _hubs.get(asyncio.get_running_loop())
+    hub = _hubs.peek()
     if hub is not None:
         hub.end_streams()
 
 
 def get_hub() -> Hub:
     """The hub of the running event loop (one per process under daphne)."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        hub = _hubs[loop] = Hub()
-    return hub
+    return _hubs.get()

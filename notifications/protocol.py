@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from . import sse
+from realtime_kit import sse
 
 # SSE event names.
 EVENT_NOTIFICATION = "notification"
@@ -85,11 +85,6 @@ def tail_of(n: NotificationLike) -> str:
 def unread_json(count: int, last_id: int) -> str:
     """``count`` unread notifications among those with ``id <= last_id``."""
     return _dumps({"count": int(count), "last_id": int(last_id)})
-
-
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """The JSON body of an error response (the shape chat's JSON endpoints use too)."""
-    return {"error": {"code": code, "message": message, **extra}}
 
 
 # --- SSE --------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ from collections.abc import AsyncIterator
 
 from django.db import DatabaseError
 
-from realtime_kit import drain
+from realtime_kit import drain, sse
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 from realtime_kit.metrics import metrics
 
-from . import protocol, services, sse
+from . import protocol, services
 from .conf import app_settings
 from .hub import Ended, Range, Subscription, UnreadChanged, get_hub
 
@@ -54,24 +54,15 @@ class TooManyStreams(Exception):
         self.limit = limit
 
 
-class Slot:
-    """A reserved place among the user's concurrent streams; releasing is idempotent."""
+async def reserve(user_id: int) -> Lease:
+    """Take one of the user's stream places or raise TooManyStreams.
 
-    def __init__(self, user_id: int, lease: Lease) -> None:
-        self.user_id = user_id
-        self._lease = lease
-
-    def release(self) -> None:
-        """Give the place back (the store is told in the background; safe in finalizers)."""
-        self._lease.release_soon()
-
-
-async def reserve(user_id: int) -> Slot:
-    """Take one of the user's stream slots or raise TooManyStreams."""
+    Give it back with ``release_soon()`` (idempotent; the store is told in the background, so
+    it is safe in finalizers)."""
     lease = await streams_cap.acquire(user_id, uuid.uuid4().hex)
     if lease is None:
         raise TooManyStreams(streams_cap.limit)
-    return Slot(user_id, lease)
+    return lease
 
 
 def active_streams(user_id: int | None = None) -> int:
@@ -84,10 +75,10 @@ def _bytes(text: str) -> bytes:
 
 
 class NotificationStream:
-    def __init__(self, user_id: int, last_event_id: int | None, slot: Slot) -> None:
+    def __init__(self, user_id: int, last_event_id: int | None, lease: Lease) -> None:
         self.user_id = user_id
         self.last_event_id = last_event_id
-        self.slot = slot
+        self.lease = lease
         self.synced = 0
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -111,7 +102,7 @@ class NotificationStream:
             gauge.dec()
             if sub is not None:
                 await hub.unsubscribe(sub)
-            self.slot.release()
+            self.lease.release_soon()
 
     async def _start(self) -> AsyncIterator[bytes]:
         # The horizon first: a row committed after it is either in the unread state below or

@@ -16,6 +16,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET, require_POST
 
+from realtime_kit.responses import json_error
+
 from . import protocol, services
 from .conf import app_settings
 from .streams import NotificationStream, TooManyStreams, reserve
@@ -28,12 +30,8 @@ MAX_LIST_LIMIT = 100
 TOO_MANY_STREAMS_RETRY_AFTER_SECONDS = 30
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> JsonResponse:
-    return JsonResponse(protocol.error_body(code, message, **extra), status=status)
-
-
 def _unauthenticated() -> JsonResponse:
-    return _error(401, protocol.UNAUTHENTICATED, "Log in to see your notifications.")
+    return json_error(401, protocol.UNAUTHENTICATED, "Log in to see your notifications.")
 
 
 def api_login_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -65,17 +63,17 @@ async def stream(request: HttpRequest) -> HttpResponseBase:
     try:
         last_event_id = protocol.parse_last_event_id(raw)
     except ValueError as exc:
-        return _error(400, protocol.BAD_LAST_EVENT_ID, str(exc))
+        return json_error(400, protocol.BAD_LAST_EVENT_ID, str(exc))
     try:
-        slot = await reserve(user.pk)
+        lease = await reserve(user.pk)
     except TooManyStreams as exc:
-        response = _error(429, protocol.TOO_MANY_STREAMS, str(exc), limit=exc.limit)
+        response = json_error(429, protocol.TOO_MANY_STREAMS, str(exc), limit=exc.limit)
         response["Retry-After"] = str(TOO_MANY_STREAMS_RETRY_AFTER_SECONDS)
         return response
-    body = NotificationStream(user.pk, last_event_id, slot).events()
-    # The generator's finally releases the slot; if the client leaves before the body starts
+    body = NotificationStream(user.pk, last_event_id, lease).events()
+    # The generator's finally releases the lease; if the client leaves before the body starts
     # the generator never runs, and this releases it when the generator is collected.
-    weakref.finalize(body, slot.release)
+    weakref.finalize(body, lease.release_soon)
     events = StreamingHttpResponse(body, content_type="text/event-stream")
     events["Cache-Control"] = "no-cache"
     events["X-Accel-Buffering"] = "no"
@@ -99,7 +97,7 @@ def notification_list(request: HttpRequest) -> JsonResponse:
         limit = _int_param(request, "limit")
         before = _int_param(request, "before")
     except ValueError as exc:
-        return _error(400, protocol.BAD_PARAMETER, str(exc))
+        return json_error(400, protocol.BAD_PARAMETER, str(exc))
     limit = min(limit or app_settings.LIST_LIMIT, MAX_LIST_LIMIT)
     user = _user(request)
     state = services.unread_state(user.pk)
@@ -123,7 +121,7 @@ def mark_read(request: HttpRequest, notification_id: int) -> JsonResponse:
     try:
         state = services.mark_read(_user(request), notification_id)
     except services.NotificationNotFound:
-        return _error(404, "not_found", "No such notification.")
+        return json_error(404, "not_found", "No such notification.")
     return _unread_response(state)
 
 

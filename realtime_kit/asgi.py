@@ -41,8 +41,7 @@ def get_asgi_application(
     from django.apps import apps
     from django.conf import settings
 
-    from chat.backpressure import DaphneBackpressure
-
+    from .backpressure import DaphneBackpressure
     from .not_found import not_found_route
     from .origin import CsrfOriginValidator
 

@@ -149,7 +149,7 @@ def _check_http(application: Any) -> list[CheckMessage]:
     from django.apps import apps
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
-    from chat.backpressure import DaphneBackpressure
+    from .backpressure import DaphneBackpressure
 
     chain = list(wrappers(http_app(application)))
     warnings: list[CheckMessage] = []
@@ -300,3 +300,21 @@ def _article(kind: str) -> str:
     return {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean"}.get(
         kind, kind
     )
+
+
+def positive_errors(values: dict[str, float], check_id: str) -> list[CheckMessage]:
+    """``check_id`` for each setting (name: value) that must be positive and is not."""
+    return [
+        Error(f"{name} must be positive, got {value}.", id=check_id)
+        for name, value in values.items()
+        if value <= 0
+    ]
+
+
+def non_negative_errors(values: dict[str, float], check_id: str) -> list[CheckMessage]:
+    """``check_id`` for each setting (name: value) that must not be negative and is."""
+    return [
+        Error(f"{name} must not be negative, got {value}.", id=check_id)
+        for name, value in values.items()
+        if value < 0
+    ]

@@ -49,13 +49,13 @@ import contextvars
 import logging
 import random
 import threading
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .limit_stores import BaseLeaseStore, LeaseRef, StoreUnavailable, lease_store
+from .loops import per_loop
 
 __all__ = [
     "Lease",
@@ -245,23 +245,17 @@ class LeaseKeeper:
             await asyncio.wait(list(self._deletes))
 
 
-_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
-    weakref.WeakKeyDictionary()
-)
+_keepers = per_loop(lambda: LeaseKeeper(asyncio.get_running_loop()))
 
 
 def get_keeper() -> LeaseKeeper:
     """The keeper of the running event loop (one per loop, created on first use)."""
-    loop = asyncio.get_running_loop()
-    keeper = _keepers.get(loop)
-    if keeper is None:
-        keeper = _keepers[loop] = LeaseKeeper(loop)
-    return keeper
+    return _keepers.get()
 
 
 def held_keys() -> list[str]:
     """The key of every lease this process holds, all event loops together."""
-    return [key for keeper in list(_keepers.values()) for key in keeper.held_keys()]
+    return [key for keeper in _keepers.values() for key in keeper.held_keys()]
 
 
 class Lease:

@@ -19,8 +19,9 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import override_settings
 
-from chat import assistant, protocol
-from chat import assistant_protocol as ap
+from chat import protocol
+from chat.assistant import protocol as ap
+from chat.assistant import replies as assistant
 from chat.llm.demo import demo_reply
 from chat.models import Message, Room
 from chat.routing import websocket_urlpatterns

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from chat import assistant_protocol as ap
-from chat import sse
+from chat.assistant import protocol as ap
+from realtime_kit import sse
 
 LIMITS = ap.RequestLimits(max_bytes=500, max_messages=3, max_content_chars=20)
 
@@ -19,24 +19,25 @@ def parse(body: object, content_type: str = "application/json") -> list[Any]:
 
 
 def test_sse_data_event_and_done() -> None:
-    assert sse.encode_json({"content": "hé"}) == 'data: {"content":"hé"}\n\n'.encode()
-    assert sse.DONE == b"data: [DONE]\n\n"
+    assert ap.sse_json({"content": "hé"}) == 'data: {"content":"hé"}\n\n'.encode()
+    assert ap.SSE_DONE == b"data: [DONE]\n\n"
 
 
 def test_sse_error_event_and_multiline_data() -> None:
-    assert sse.encode_json({"code": "x"}, event="error") == b'event: error\ndata: {"code":"x"}\n\n'
-    assert sse.encode_event("a\nb\r\nc") == b"data: a\ndata: b\ndata: c\n\n"
+    assert ap.sse_json({"code": "x"}, event="error") == b'event: error\ndata: {"code":"x"}\n\n'
+    assert sse.encode_event("a\nb\r\nc") == "data: a\ndata: b\ndata: c\n\n"
     # A lone CR also ends a line: it must not smuggle a field into the event.
-    assert sse.encode_event("a\revent: x") == b"data: a\ndata: event: x\n\n"
+    assert sse.encode_event("a\revent: x") == "data: a\ndata: event: x\n\n"
 
 
 def test_sse_field_values_cannot_break_lines() -> None:
-    assert sse.encode_event("x", event="err\nor\0") == b"event: error\ndata: x\n\n"
-    assert sse.comment("keep\nalive") == b": keepalive\n\n"
+    assert sse.encode_event("x", event="err\nor\0") == "event: error\ndata: x\n\n"
+    # Each line of a comment stays a comment line: none can start a field.
+    assert ap.sse_comment("keep\nalive") == b": keep\n: alive\n\n"
 
 
 def test_json_content_with_newlines_stays_one_data_line() -> None:
-    encoded = sse.encode_json({"content": "line1\nline2"})
+    encoded = ap.sse_json({"content": "line1\nline2"})
     assert encoded.count(b"\n") == 2
     assert json.loads(encoded.decode()[len("data: ") :]) == {"content": "line1\nline2"}
 

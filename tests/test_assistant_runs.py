@@ -1,4 +1,4 @@
-"""The takeover rules of chat/assistant_runs.py, against the database: one sweeper wins a stale
+"""The takeover rules of chat/assistant/runs.py, against the database: one sweeper wins a stale
 run, a live heartbeat keeps it, the owner notices a takeover, a store happens once."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from django.contrib.auth.models import User
 from django.test import override_settings
 from django.utils import timezone
 
-from chat import assistant_runs
+from chat.assistant import runs as assistant_runs
 from chat.models import AssistantRun, Message, Room
 
 pytestmark = [pytest.mark.django_db]

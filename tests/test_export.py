@@ -12,8 +12,8 @@ import pytest
 from django.contrib.auth.models import User
 
 from chat import export, protocol
+from chat.api import BadParameter
 from chat.models import Message, Room
-from chat.paging import BadParameter
 
 
 def frame(seq: int = 1, text: str = "hi", username: str = "alice", **extra: Any) -> dict[str, Any]:

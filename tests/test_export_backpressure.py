@@ -1,4 +1,4 @@
-"""In-process tests of chat.backpressure.DaphneBackpressure against Twisted's real HTTP objects.
+"""In-process tests of realtime_kit.backpressure.DaphneBackpressure on Twisted's real HTTP objects.
 
 The Twisted HTTP channel runs on a StringTransport: the tests play the transport's part by
 calling ``pauseProducing``/``resumeProducing`` on the channel, exactly as a TCP transport does
@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 
-from chat.backpressure import DaphneBackpressure, twisted_request
+from realtime_kit.backpressure import DaphneBackpressure, twisted_request
 
 START = {"type": "http.response.start", "status": 200, "headers": []}
 

@@ -2,7 +2,7 @@
 OpenAI-compatible server.
 
 - The daphne streaming a reply is SIGKILLed: the other process takes the reply over within the
-  takeover bound (chat/assistant_runs.py), stores the text of the dead process's last
+  takeover bound (chat/assistant/runs.py), stores the text of the dead process's last
   heartbeat as ``interrupted``, and every member still connected sees ``assistant.end`` and the
   stored message; the dead process's members leave presence within its bound.
 - The model server misbehaves in the middle of a reply (slow, connection reset, garbage, an

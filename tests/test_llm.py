@@ -352,7 +352,7 @@ def test_check_warns_when_openai_has_no_key() -> None:
     with override_settings(CHAT_ASSISTANT_BACKEND=OPENAI, CHAT_LLM_API_KEY=KEY):
         assert check_assistant_settings() == []
     with override_settings(CHAT_ASSISTANT_COALESCE_CHARS=0, CHAT_LLM_MAX_RETRIES=-1):
-        assert [e.id for e in check_assistant_settings()] == ["chat.E101", "chat.E101"]
+        assert [e.id for e in check_assistant_settings()] == ["chat.E101", "chat.E104"]
 
 
 def test_manage_py_check_passes_with_the_demo_default() -> None:

@@ -686,7 +686,7 @@ def test_checks_refuse_bad_settings() -> None:
 )
 def test_checks_refuse_bad_mention_limits() -> None:
     errors = check_notifications_settings()
-    assert [e.id for e in errors] == ["notifications.E001", "notifications.E001"]
+    assert [e.id for e in errors] == ["notifications.E005", "notifications.E001"]
     assert "NOTIFICATIONS_MENTION_RATE_LIMIT " in errors[0].msg
     assert "NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS" in errors[1].msg
 

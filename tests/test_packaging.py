@@ -23,6 +23,7 @@ REQUIRED_FILES = [
     "chat/migrations/0001_initial.py",
     "chat/management/commands/chat_demo.py",
     "chat/py.typed",
+    "chat/assistant/replies.py",  # a subpackage: found by packages.find, not by package data
     "notifications/templates/notifications/bell.html",
     "notifications/templates/admin/notifications/send.html",
     "notifications/static/notifications/bell.js",

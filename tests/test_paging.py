@@ -8,8 +8,9 @@ import pytest
 from django.contrib.auth.models import User
 
 from chat import protocol
+from chat.api import MAX_SEQ, BadParameter
 from chat.models import Message, Room
-from chat.paging import MAX_SEQ, BadParameter, PageParams, history_page, parse_page_params
+from chat.paging import PageParams, history_page, parse_page_params
 
 
 def parse(**query: str) -> PageParams:

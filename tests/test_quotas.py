@@ -1,4 +1,4 @@
-"""chat's per-user limits (chat/quotas.py) over the in-process store, and when Redis is down."""
+"""chat's per-user limits (chat/quotas.py, chat/assistant/quotas.py), in process and Redis down."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from django.test import override_settings
 
 from chat import quotas
+from chat.assistant import quotas as aq
 from chat.checks import check_chat_settings
 from realtime_kit.leases import Lease, get_keeper
 from realtime_kit.limit_stores import lease_store
@@ -22,7 +23,7 @@ def _own_keys() -> Iterator[None]:
         yield
 
 
-def held(result: Lease | quotas.Refused) -> Lease:
+def held(result: Lease | aq.Refused) -> Lease:
     assert isinstance(result, Lease), result
     return result
 
@@ -31,13 +32,13 @@ def held(result: Lease | quotas.Refused) -> Lease:
     CHAT_ASSISTANT_PANEL_MAX_CONCURRENT_PER_USER=2, CHAT_ASSISTANT_PANEL_RATE_LIMIT=100
 )
 async def test_open_panel_streams_are_capped_per_user() -> None:
-    first = held(await quotas.acquire_panel_stream(1))
-    held(await quotas.acquire_panel_stream(1))
-    assert await quotas.acquire_panel_stream(1) == quotas.Refused(quotas.BUSY, 1.0)
-    other = held(await quotas.acquire_panel_stream(2))  # users are independent
+    first = held(await aq.acquire_panel_stream(1))
+    held(await aq.acquire_panel_stream(1))
+    assert await aq.acquire_panel_stream(1) == aq.Refused(aq.BUSY, 1.0)
+    other = held(await aq.acquire_panel_stream(2))  # users are independent
     await first.release()
     await first.release()  # idempotent
-    third = held(await quotas.acquire_panel_stream(1))
+    third = held(await aq.acquire_panel_stream(1))
     for lease in (third, other):
         await lease.release()
 
@@ -48,18 +49,18 @@ async def test_open_panel_streams_are_capped_per_user() -> None:
     CHAT_ASSISTANT_PANEL_RATE_LIMIT_WINDOW_SECONDS=60,
 )
 async def test_panel_starts_are_rate_limited_and_refusals_cost_nothing() -> None:
-    first = held(await quotas.acquire_panel_stream(1))
+    first = held(await aq.acquire_panel_stream(1))
     # Busy: refused before the rate is counted, so it does not use up the window.
     for _ in range(3):
-        refused = await quotas.acquire_panel_stream(1)
-        assert isinstance(refused, quotas.Refused) and refused.code == quotas.BUSY
+        refused = await aq.acquire_panel_stream(1)
+        assert isinstance(refused, aq.Refused) and refused.code == aq.BUSY
     await first.release()
-    await held(await quotas.acquire_panel_stream(1)).release()
-    limited = await quotas.acquire_panel_stream(1)
-    assert isinstance(limited, quotas.Refused) and limited.code == quotas.RATE_LIMITED
+    await held(await aq.acquire_panel_stream(1)).release()
+    limited = await aq.acquire_panel_stream(1)
+    assert isinstance(limited, aq.Refused) and limited.code == aq.RATE_LIMITED
     assert 0 < limited.retry_after_seconds <= 60
     # The rate refusal gave its stream place back.
-    assert await quotas.panel_streams.count(1) == 0
+    assert await aq.panel_streams.count(1) == 0
 
 
 @override_settings(CHAT_MAX_SOCKETS_PER_USER=3)
@@ -83,10 +84,10 @@ async def test_redis_down_sockets_fail_open_assistant_fails_closed() -> None:
         try:
             socket = await quotas.sockets.acquire(1, "conn")
             assert socket is not None, "Redis down must not lock people out of chat"
-            refused = await quotas.acquire_panel_stream(1)
-            assert isinstance(refused, quotas.Refused) and refused.code == quotas.UNAVAILABLE
+            refused = await aq.acquire_panel_stream(1)
+            assert isinstance(refused, aq.Refused) and refused.code == aq.UNAVAILABLE
             with pytest.raises(quotas.StoreUnavailable):
-                await quotas.room_replies.acquire(1, "asst-x")
+                await aq.room_replies.acquire(1, "asst-x")
             await socket.release()
             assert get_keeper().held() == 0
         finally:

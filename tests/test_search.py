@@ -8,8 +8,8 @@ from django.contrib.auth.models import User
 from django.test import Client, override_settings
 
 from chat import search
+from chat.api import BadParameter
 from chat.models import Membership, Message, Room
-from chat.paging import BadParameter
 
 pytestmark = [pytest.mark.django_db]
 

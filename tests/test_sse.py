@@ -1,4 +1,4 @@
-"""The SSE encoding and the notifications wire format: pure functions, plain strings."""
+"""The SSE encoding (realtime_kit/sse.py) and the notifications wire format: pure, plain strings."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 import pytest
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
-from notifications import protocol, sse
+from notifications import protocol
+from realtime_kit import sse
+from realtime_kit.responses import error_body
 
 CREATED = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
 
@@ -39,6 +41,9 @@ def test_event_with_id_and_name() -> None:
 
 def test_data_only_event() -> None:
     assert sse.encode_event("x") == "data: x\n\n"
+    # An empty name is left out: clients dispatch it as "message" either way.
+    assert sse.encode_event("x", event="") == "data: x\n\n"
+    assert decode(sse.encode_event("x", event="")) == [("message", "x", "")]
 
 
 def test_multi_line_data_becomes_several_data_lines() -> None:
@@ -159,6 +164,6 @@ def test_batch_items_refuse_garbage(raw: object) -> None:
 
 
 def test_error_body() -> None:
-    assert protocol.error_body("too_many_streams", "m", limit=10) == {
+    assert error_body("too_many_streams", "m", limit=10) == {
         "error": {"code": "too_many_streams", "message": "m", "limit": 10}
     }

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,6 +40,7 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 from django.db import DatabaseError
 
+from realtime_kit.loops import per_loop
 from realtime_kit.metrics import metrics
 
 from .. import protocol
@@ -739,31 +739,30 @@ class RoomHub:
         task.add_done_callback(self._tasks.discard)
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RoomHub] = weakref.WeakKeyDictionary()
+def _new_room_hub() -> RoomHub:
+    # Imported here: services needs the app registry, this module must import without it.
+    from .. import services
+    from ..conf import app_settings
+
+    return RoomHub(
+        get_channel_layer(),
+        load_messages=services.aencoded_messages,
+        read_head=services.alast_seq,
+        load_updates=services.aencoded_updates,
+        read_update_head=services.alast_update_seq,
+        allowed_users=services.aallowed_users,
+        budget_bytes=app_settings.MAX_SEND_BYTES,
+        batch_window_seconds=app_settings.BATCH_WINDOW_MILLISECONDS / 1000,
+        gap_grace_seconds=app_settings.GAP_GRACE_MILLISECONDS / 1000,
+        send_window=SlidingWindow(
+            app_settings.RATE_LIMIT_MESSAGES, app_settings.RATE_LIMIT_WINDOW_SECONDS
+        ),
+    )
+
+
+_hubs = per_loop(_new_room_hub)
 
 
 def get_room_hub() -> RoomHub:
     """The room hub of the running event loop (one per process under daphne)."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        # Imported here: services needs the app registry, this module must import without it.
-        from .. import services
-        from ..conf import app_settings
-
-        hub = RoomHub(
-            get_channel_layer(),
-            load_messages=services.aencoded_messages,
-            read_head=services.alast_seq,
-            load_updates=services.aencoded_updates,
-            read_update_head=services.alast_update_seq,
-            allowed_users=services.aallowed_users,
-            budget_bytes=app_settings.MAX_SEND_BYTES,
-            batch_window_seconds=app_settings.BATCH_WINDOW_MILLISECONDS / 1000,
-            gap_grace_seconds=app_settings.GAP_GRACE_MILLISECONDS / 1000,
-            send_window=SlidingWindow(
-                app_settings.RATE_LIMIT_MESSAGES, app_settings.RATE_LIMIT_WINDOW_SECONDS
-            ),
-        )
-        _hubs[loop] = hub
-    return hub
+    return _hubs.get()

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
-from realtime_kit.checks import setting_value_errors
+from realtime_kit.checks import non_negative_errors, positive_errors, setting_value_errors
 
 from ..conf import app_settings
 from .base import BaseLLMBackend
@@ -36,18 +36,14 @@ def check_assistant_settings(app_configs: Any = None, **kwargs: Any) -> list[Che
         "CHAT_LLM_FIRST_TOKEN_TIMEOUT_SECONDS": app_settings.LLM_FIRST_TOKEN_TIMEOUT_SECONDS,
         "CHAT_LLM_IDLE_TIMEOUT_SECONDS": app_settings.LLM_IDLE_TIMEOUT_SECONDS,
     }
-    for name, value in positive.items():
-        if value <= 0:
-            errors.append(Error(f"{name} must be positive, got {value}.", id="chat.E101"))
+    errors.extend(positive_errors(positive, "chat.E101"))
     non_negative = {
         "CHAT_ASSISTANT_COALESCE_SECONDS": app_settings.ASSISTANT_COALESCE_SECONDS,
         "CHAT_ASSISTANT_DEMO_DELAY_SECONDS": app_settings.ASSISTANT_DEMO_DELAY_SECONDS,
         "CHAT_LLM_MAX_RETRIES": app_settings.LLM_MAX_RETRIES,
         "CHAT_LLM_MAX_TOKENS": app_settings.LLM_MAX_TOKENS,
     }
-    for name, value in non_negative.items():
-        if value < 0:
-            errors.append(Error(f"{name} must not be negative, got {value}.", id="chat.E101"))
+    errors.extend(non_negative_errors(non_negative, "chat.E104"))
     return errors
 
 

@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import models
 
-from chat.assistant import assistant_user
+from chat.assistant.replies import assistant_user
 from chat.models import Room
 
 # A public demo credential for local `make run` only, printed on the console by design.

@@ -1,7 +1,7 @@
 /*
  * "Ask the assistant" panel. Vanilla JS, no build step, no dependencies.
  *
- * Sends the conversation to POST <data-stream-url> (chat/assistant_views.py) with fetch and
+ * Sends the conversation to POST <data-stream-url> (chat/assistant/views.py) with fetch and
  * reads the Server-Sent Events body through a ReadableStream reader:
  *   data: {"content": "<delta>"}   a piece of the reply (rendered as text, never HTML)
  *   data: [DONE]                   the reply is complete

@@ -29,10 +29,11 @@ from realtime_kit import drain
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant_protocol, quotas, sse
-from .conf import app_settings
-from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
-from .paging import error_response
+from ..api import error_response
+from ..conf import app_settings
+from ..llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+from . import protocol as assistant_protocol
+from . import quotas
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +134,19 @@ async def reply_events(
 ) -> AsyncGenerator[bytes, None]:
     """The SSE body of one reply. Close with ``aclosing`` (Django does)."""
     # Daphne sends the response headers with the first body chunk: send one at once.
-    yield sse.comment("stream")
+    yield assistant_protocol.sse_comment("stream")
     try:
         async with aclosing(backend.stream(messages)) as deltas:
             tokens = metrics().assistant_tokens.labels(kind="panel")
             async for delta in drain.until_drain(deltas):
                 tokens.inc()
-                yield sse.encode_json({"content": delta})
+                yield assistant_protocol.sse_json({"content": delta})
     except LLMError as exc:
-        yield sse.encode_json({"code": exc.code, "message": exc.message}, event="error")
+        yield assistant_protocol.sse_json({"code": exc.code, "message": exc.message}, event="error")
         return
     except drain.Draining:
         # The body then ends normally (the last chunk is sent): the panel is told, not cut off.
         restarting = {"code": assistant_protocol.INTERRUPTED, "message": RESTART_MESSAGE}
-        yield sse.encode_json(restarting, event="error")
+        yield assistant_protocol.sse_json(restarting, event="error")
         return
-    yield sse.DONE
+    yield assistant_protocol.SSE_DONE

@@ -1,8 +1,8 @@
 """Room replies that outlive the process streaming them.
 
-A reply runs as a task in one process (chat/assistant.py). If that process dies (SIGKILL, OOM,
-a crashed host), its task dies with it and nothing would ever store the reply or tell the
-members it ended. So every running reply has an ``AssistantRun`` row:
+A reply runs as a task in one process (chat/assistant/replies.py). If that process dies
+(SIGKILL, OOM, a crashed host), its task dies with it and nothing would ever store the reply
+or tell the members it ended. So every running reply has an ``AssistantRun`` row:
 
 - the owner inserts it when the reply starts, refreshes ``heartbeat_at`` and the text so far
   every ``CHAT_ASSISTANT_HEARTBEAT_SECONDS`` (one UPDATE per reply), and deletes it in the
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,11 +33,12 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from realtime_kit import drain
+from realtime_kit.loops import per_loop
 
-from . import assistant_protocol as ap
-from . import protocol, services
-from .conf import app_settings
-from .models import AssistantRun
+from .. import protocol, services
+from ..conf import app_settings
+from ..models import AssistantRun
+from . import protocol as ap
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def claim_stale() -> list[Orphan]:
 def store_orphan(orphan: Orphan) -> int | None:
     """Store a claimed run's text as interrupted and delete the run; the message's seq."""
     # Imported here: assistant imports this module.
-    from .assistant import assistant_user
+    from .replies import assistant_user
 
     with transaction.atomic():
         if not AssistantRun.objects.filter(pk=orphan.pk, owner=orphan.owner).delete()[0]:
@@ -172,22 +172,25 @@ async def _sweep_loop() -> None:
         await asyncio.sleep(interval)
 
 
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
-    weakref.WeakKeyDictionary()
-)
+def _start_sweeper() -> asyncio.Task[None]:
+    loop = asyncio.get_running_loop()
+    return loop.create_task(_sweep_loop(), name="chat.assistant.runs.sweeper")
+
+
+_sweepers = per_loop(_start_sweeper)
 
 
 def ensure_sweeper() -> None:
     """Start this event loop's sweeper if it is not running (call from async code)."""
-    loop = asyncio.get_running_loop()
-    task = _sweepers.get(loop)
-    if task is None or task.done():
-        _sweepers[loop] = loop.create_task(_sweep_loop(), name="chat.assistant_runs.sweeper")
+    task = _sweepers.peek()
+    if task is not None and task.done():
+        _sweepers.pop()
+    _sweepers.get()
 
 
 async def stop_sweeper() -> None:
     """Drain callback: a process going away takes over nothing more."""
-    task = _sweepers.pop(asyncio.get_running_loop(), None)
+    task = _sweepers.pop()
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

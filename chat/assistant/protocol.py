@@ -1,4 +1,4 @@
-"""Wire formats of the assistant: the stream endpoint's request body and the room frames.
+"""Wire formats of the assistant: the stream endpoint's request body and events, the room frames.
 
 Pure: no database, no settings, no I/O; limits are passed in. docs/protocol.md ("Assistant")
 describes the same shapes for client authors; tests/test_assistant_protocol.py pins them.
@@ -10,7 +10,25 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .llm.base import ROLES, ChatMessage
+from realtime_kit import sse
+
+from ..llm.base import ROLES, ChatMessage
+
+# --- the stream endpoint's Server-Sent Events (UTF-8 bytes, as the view sends them) -----------
+
+SSE_DONE = sse.encode_event("[DONE]").encode()  # b"data: [DONE]\n\n": the reply is complete
+
+
+def sse_json(obj: Any, event: str | None = None) -> bytes:
+    """Encode ``obj`` as the JSON data of one event (JSON text is always one line)."""
+    return sse.encode_event(
+        json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event
+    ).encode()
+
+
+def sse_comment(text: str = "") -> bytes:
+    return sse.encode_comment(text).encode()
+
 
 # Codes of the endpoint's 400 answers: {"error": {"code": ..., "message": ...}}.
 BAD_CONTENT_TYPE = "bad_content_type"

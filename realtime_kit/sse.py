@@ -1,9 +1,13 @@
 """Server-Sent Events wire encoding (WHATWG HTML, "server-sent events"). Pure: strings in and out.
 
+The one encoder of both apps (notifications' stream, chat's assistant panel); each encodes the
+text to UTF-8 where it writes it.
+
 An event is a block of ``field: value`` lines ended by a blank line. A value must not contain a
 line break (CR, LF or CRLF all end a line), so ``event`` and ``id`` are sanitised and ``data``
 is split into one ``data:`` line per line of text, which the client joins back with ``\\n``.
-A NUL in ``id`` makes browsers ignore the field, so it is removed too.
+A NUL in ``id`` makes browsers ignore the field, so it is removed too. An empty ``event`` is
+left out: clients dispatch both as ``message``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def encode_event(data: str, event: str | None = None, event_id: str | int | None
     lines: list[str] = []
     if event_id is not None:
         lines.append(f"id: {_clean(str(event_id))}")
-    if event is not None:
+    if event:
         lines.append(f"event: {_clean(event)}")
     lines.extend(f"data: {line}" for line in _LINE_BREAK.split(data))
     return "\n".join(lines) + "\n\n"

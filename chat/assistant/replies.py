@@ -50,11 +50,12 @@ from realtime_kit import drain
 from realtime_kit.leases import Lease
 from realtime_kit.metrics import metrics
 
-from . import assistant_protocol as ap
-from . import assistant_runs, protocol, quotas, services
-from .conf import app_settings
-from .llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
-from .models import Message, Room
+from .. import protocol, services
+from ..conf import app_settings
+from ..llm import BaseLLMBackend, ChatMessage, LLMError, get_backend
+from ..models import Message, Room
+from . import protocol as ap
+from . import quotas, runs
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -256,7 +257,7 @@ async def request_stop(
     if layer is None:
         return
     event = {
-        "type": "assistant.stop",
+        "type": protocol.EVENT_ASSISTANT_STOP,
         "stream_id": stream_id,
         "user_id": user.pk,
         "is_staff": bool(user.is_staff),
@@ -272,7 +273,7 @@ async def request_snapshots(room_id: int, reply_to: str, conn_id: str) -> None:
     ``conn_id`` through the room hub listening on channel ``reply_to``."""
     layer = get_channel_layer()
     if layer is not None:
-        event = {"type": "assistant.snapshot", "reply_to": reply_to, "to": conn_id}
+        event = {"type": protocol.EVENT_ASSISTANT_SNAPSHOT, "reply_to": reply_to, "to": conn_id}
         await layer.group_send(control_group(room_id), event)
 
 
@@ -348,7 +349,7 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
                 await asyncio.gather(task, return_exceptions=True)
         try:
             # Usually deleted with the stored reply already; this covers every other end.
-            await assistant_runs.aclose_run(reply.stream_id)
+            await runs.aclose_run(reply.stream_id)
         except DatabaseError:
             # Left behind, it is taken over by a sweeper and ends as interrupted.
             logger.warning("Forgetting assistant run %s failed", reply.stream_id, exc_info=True)
@@ -360,12 +361,12 @@ async def _run(reply: Reply, backend: BaseLLMBackend) -> None:
 
 
 async def _heartbeat(reply: Reply) -> None:
-    """Record the text so far every CHAT_ASSISTANT_HEARTBEAT_SECONDS (assistant_runs)."""
+    """Record the text so far every CHAT_ASSISTANT_HEARTBEAT_SECONDS (chat/assistant/runs.py)."""
     interval = app_settings.ASSISTANT_HEARTBEAT_SECONDS
     while True:
         await asyncio.sleep(interval)
         try:
-            ours = await assistant_runs.acheckpoint(reply.stream_id, reply.text)
+            ours = await runs.acheckpoint(reply.stream_id, reply.text)
         except DatabaseError:
             logger.warning("Recording assistant reply %s failed", reply.stream_id, exc_info=True)
             continue
@@ -503,9 +504,9 @@ async def _listen(reply: Reply, layer: Any, channel: str) -> None:
 async def _control(reply: Reply, layer: Any, event: dict[str, Any]) -> None:
     kind = event.get("type")
     reply_to = event.get("reply_to")
-    if kind == "assistant.snapshot" and reply.started and reply_to:
+    if kind == protocol.EVENT_ASSISTANT_SNAPSHOT and reply.started and reply_to:
         await _answer(reply, layer, event, reply.snapshot_frame())
-    elif kind == "assistant.stop" and event.get("stream_id") == reply.stream_id:
+    elif kind == protocol.EVENT_ASSISTANT_STOP and event.get("stream_id") == reply.stream_id:
         if event.get("user_id") == reply.requester_id or event.get("is_staff"):
             reply.request_stop()
         elif reply_to:
@@ -545,7 +546,7 @@ def _load_context(reply: Reply) -> tuple[User, list[ChatMessage]]:
     prompt = app_settings.ASSISTANT_SYSTEM_PROMPT
     system = [ChatMessage(role="system", content=prompt)] if prompt else []
     # Last: from here on a process dying mid-reply leaves a run that another one ends.
-    assistant_runs.open_run(reply.stream_id, reply.room_id, reply.request_seq)
+    runs.open_run(reply.stream_id, reply.room_id, reply.request_seq)
     return assistant, system + history
 
 
@@ -579,5 +580,5 @@ def _store(reply: Reply, user: User, status: str) -> int:
             status=status,
             check_rate=False,
         )
-        assistant_runs.close_run(reply.stream_id)
+        runs.close_run(reply.stream_id)
     return result.message.seq
