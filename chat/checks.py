@@ -17,6 +17,13 @@ from .conf import app_settings
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 from .rooms_protocol import ROOM_CREATORS_CHOICES
 
+# Settings that moved from notifications to chat with the mentions (0.1.0).
+MOVED_SETTINGS = {
+    "NOTIFICATIONS_MAX_MENTIONS": "CHAT_MAX_MENTIONS",
+    "NOTIFICATIONS_MENTION_RATE_LIMIT": "CHAT_MENTION_RATE_LIMIT",
+    "NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS": "CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS",
+}
+
 
 @register()
 def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -52,8 +59,24 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_SEARCH_PAGE_SIZE": app_settings.SEARCH_PAGE_SIZE,
         "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,
         "CHAT_SEARCH_MAX_QUERY_CHARS": app_settings.SEARCH_MAX_QUERY_CHARS,
+        "CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS": app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS,
     }
     errors.extend(kit_checks.positive_errors(positive, "chat.E001"))
+    # 0 turns mentions off.
+    non_negative: dict[str, float] = {
+        "CHAT_MAX_MENTIONS": app_settings.MAX_MENTIONS,
+        "CHAT_MENTION_RATE_LIMIT": app_settings.MENTION_RATE_LIMIT,
+    }
+    errors.extend(kit_checks.non_negative_errors(non_negative, "chat.E005"))
+    moved = [name for name in MOVED_SETTINGS if hasattr(settings, name)]
+    if moved:
+        errors.append(
+            Warning(
+                f"{', '.join(moved)} no longer apply: mentions are chat's.",
+                hint="Rename them to " + ", ".join(MOVED_SETTINGS[name] for name in moved) + ".",
+                id="chat.W003",
+            )
+        )
     heartbeat = app_settings.ASSISTANT_HEARTBEAT_SECONDS
     if 0 < heartbeat and app_settings.ASSISTANT_TAKEOVER_SECONDS < 3 * heartbeat:
         errors.append(

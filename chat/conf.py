@@ -110,6 +110,21 @@ class ChatSettings:
         return float(self._get("RATE_LIMIT_WINDOW_SECONDS", 5.0))
 
     @property
+    def MAX_MENTIONS(self) -> int:
+        """Most users one message's ``@username`` mentions notify (the first mentioned)."""
+        return int(self._get("MAX_MENTIONS", 5))
+
+    @property
+    def MENTION_RATE_LIMIT(self) -> int:
+        """Most mention notifications one sender's messages cause per window, all processes."""
+        return int(self._get("MENTION_RATE_LIMIT", 20))
+
+    @property
+    def MENTION_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``MENTION_RATE_LIMIT``, in seconds."""
+        return float(self._get("MENTION_RATE_LIMIT_WINDOW_SECONDS", 60.0))
+
+    @property
     def GROUP_COMMIT_MAX_MESSAGES(self) -> int:
         """Most concurrent sends of one room stored in one transaction (chat/ingest.py);
         1 stores each send in its own transaction."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 class Room(models.Model):
@@ -139,3 +140,23 @@ class AssistantRun(models.Model):
 
     def __str__(self) -> str:
         return self.stream_id
+
+
+class MentionLog(models.Model):
+    """How many users one sender's mentions notified, and when: the per-window mention budget.
+
+    Rows older than the window are deleted when the sender next mentions anyone, so the table
+    holds about one row per mentioning message of the last window.
+    """
+
+    sender = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    notified = models.PositiveIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["sender", "created_at"], name="chat_mention_sender")]
+
+    def __str__(self) -> str:
+        return f"{self.sender_id} mentioned {self.notified} at {self.created_at}"

@@ -35,24 +35,6 @@ def check_notifications_settings(app_configs: Any = None, **kwargs: Any) -> list
         errors.append(
             Error("NOTIFICATIONS_RETRY_MILLISECONDS must not be negative.", id="notifications.E005")
         )
-    for name, count in {
-        "NOTIFICATIONS_MAX_MENTIONS": app_settings.MAX_MENTIONS,
-        "NOTIFICATIONS_MENTION_RATE_LIMIT": app_settings.MENTION_RATE_LIMIT,
-    }.items():
-        if count < 0:
-            errors.append(
-                Error(
-                    f"{name} must not be negative (0 turns mentions off).", id="notifications.E005"
-                )
-            )
-    if app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS <= 0:
-        errors.append(
-            Error(
-                "NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS must be positive, got "
-                f"{app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS}.",
-                id="notifications.E001",
-            )
-        )
     layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
     if app_settings.CHANNEL_LAYER not in layers:
         errors.append(

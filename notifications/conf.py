@@ -77,21 +77,6 @@ class NotificationsSettings:
         return int(self._get("STREAM_QUEUE_LIMIT", 1000))
 
     @property
-    def MAX_MENTIONS(self) -> int:
-        """Most users one chat message's ``@username`` mentions notify (the first mentioned)."""
-        return int(self._get("MAX_MENTIONS", 5))
-
-    @property
-    def MENTION_RATE_LIMIT(self) -> int:
-        """Most mention notifications one sender's messages cause per window, all processes."""
-        return int(self._get("MENTION_RATE_LIMIT", 20))
-
-    @property
-    def MENTION_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
-        """Length of the sliding window of ``MENTION_RATE_LIMIT``."""
-        return float(self._get("MENTION_RATE_LIMIT_WINDOW_SECONDS", 60.0))
-
-    @property
     def CHANNEL_LAYER(self) -> str:
         """Alias of the channel layer that carries notifications between processes."""
         return str(self._get("CHANNEL_LAYER", "default"))

@@ -45,23 +45,3 @@ class Notification(models.Model):
     @property
     def is_read(self) -> bool:
         return self.read_at is not None
-
-
-class MentionLog(models.Model):
-    """How many users one sender's mentions notified, and when: the per-window mention budget.
-
-    Rows older than the window are deleted when the sender next mentions anyone, so the table
-    holds about one row per mentioning message of the last window.
-    """
-
-    sender = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+", db_index=False
-    )
-    notified = models.PositiveIntegerField()
-    created_at = models.DateTimeField(default=timezone.now)
-
-    class Meta:
-        indexes = [models.Index(fields=["sender", "created_at"], name="notif_mention_sender")]
-
-    def __str__(self) -> str:
-        return f"{self.sender_id} mentioned {self.notified} at {self.created_at}"

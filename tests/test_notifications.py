@@ -26,12 +26,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from chat import services as chat_services
-from chat.models import Membership, Room
+from chat.mentions import mentioned_usernames
+from chat.models import Membership, MentionLog, Room
 from notifications import anotify, notify, protocol, services
 from notifications.checks import check_notifications_settings
 from notifications.hub import UNKNOWN_START, Range, Subscription, UnreadChanged, get_hub
-from notifications.mentions import mentioned_usernames
-from notifications.models import MentionLog, Notification
+from notifications.models import Notification
 from notifications.streams import active_streams
 
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -614,15 +614,13 @@ def test_one_message_notifies_at_most_max_mentions() -> None:
     # Mentioned in reverse: the first five mentioned win, not the five oldest accounts.
     chat_services.post_message(lobby.pk, alice, mention_all(users[::-1]))
     assert sorted(notified_by("alice")) == sorted(u.username for u in users[-5:])
-    with override_settings(NOTIFICATIONS_MAX_MENTIONS=2):
+    with override_settings(CHAT_MAX_MENTIONS=2):
         chat_services.post_message(lobby.pk, alice, mention_all(users))
     assert notified_by("alice")[5:] == ["user0", "user1"]
 
 
 @pytest.mark.django_db(transaction=True)
-@override_settings(
-    NOTIFICATIONS_MENTION_RATE_LIMIT=7, NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS=60
-)
+@override_settings(CHAT_MENTION_RATE_LIMIT=7, CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS=60)
 def test_mentions_of_one_sender_are_limited_per_window() -> None:
     alice = User.objects.create_user("alice")
     bob = User.objects.create_user("bob")
@@ -681,14 +679,23 @@ def test_checks_refuse_bad_settings() -> None:
     assert len(errors) == 2
 
 
-@override_settings(
-    NOTIFICATIONS_MENTION_RATE_LIMIT=-1, NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS=0
-)
+@override_settings(CHAT_MENTION_RATE_LIMIT=-1, CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS=0)
 def test_checks_refuse_bad_mention_limits() -> None:
-    errors = check_notifications_settings()
-    assert [e.id for e in errors] == ["notifications.E005", "notifications.E001"]
-    assert "NOTIFICATIONS_MENTION_RATE_LIMIT " in errors[0].msg
-    assert "NOTIFICATIONS_MENTION_RATE_LIMIT_WINDOW_SECONDS" in errors[1].msg
+    from chat.checks import check_chat_settings
+
+    errors = [e for e in check_chat_settings() if e.id in ("chat.E005", "chat.E001")]
+    assert sorted(str(e.id) for e in errors) == ["chat.E001", "chat.E005"]
+    assert any("CHAT_MENTION_RATE_LIMIT " in e.msg for e in errors)
+    assert any("CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS" in e.msg for e in errors)
+
+
+@override_settings(NOTIFICATIONS_MAX_MENTIONS=3)
+def test_the_old_mention_setting_names_are_a_warning() -> None:
+    from chat.checks import check_chat_settings
+
+    (warning,) = [e for e in check_chat_settings() if e.id == "chat.W003"]
+    assert "NOTIFICATIONS_MAX_MENTIONS" in warning.msg
+    assert warning.hint is not None and "CHAT_MAX_MENTIONS" in warning.hint
 
 
 @override_settings(CHANNEL_LAYERS={})

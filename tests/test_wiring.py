@@ -125,7 +125,13 @@ def test_a_malformed_websocket_prefix_is_an_error(prefix: str) -> None:
         ("CHAT_ASSISTANT_MAX_MESSAGES", [50], check_chat_settings, "chat.E010"),
         ("CHAT_LLM_MAX_RETRIES", "one", check_chat_settings, "chat.E010"),
         ("NOTIFICATIONS_POLL_SECONDS", "often", check_notifications_settings, "notifications.E003"),
-        ("NOTIFICATIONS_MAX_MENTIONS", None, check_notifications_settings, "notifications.E003"),
+        (
+            "NOTIFICATIONS_STREAM_QUEUE_LIMIT",
+            None,
+            check_notifications_settings,
+            "notifications.E003",
+        ),
+        ("CHAT_MAX_MENTIONS", None, check_chat_settings, "chat.E010"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_an_error_not_a_traceback(
