@@ -117,6 +117,51 @@ def test_csv_quotes_fields_that_need_it_rfc4180() -> None:
     assert data.endswith(b"\r\n")
 
 
+CSV_AWKWARD = [
+    "",
+    " ",
+    "plain",
+    "a,b",
+    'say "hi"',
+    '"',
+    "cr\ronly",
+    "lf\nonly",
+    "crlf\r\n",
+    "tab\tx",
+    "=SUM(1)",
+    "'",
+    "😀 ✓ 東京",
+    "\u2028\x85",
+    ' ,"\r\n"" ',
+]
+
+
+@pytest.mark.parametrize("value", CSV_AWKWARD)
+def test_csv_field_is_what_csv_writer_writes(value: str) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(["x", value, "y"])
+    assert f"x,{export.csv_field(value)},y\r\n" == buffer.getvalue()
+
+
+def test_csv_lines_of_raw_rows_are_encode_csv_of_their_frames() -> None:
+    created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
+    rows = [
+        # ROW_FIELDS: seq, id, text, client_id, created_at, status, edited_at, deleted,
+        # update_seq, user_id
+        (n, 100 + n, text, text, created, status, edited, deleted, update_seq, n % 2)
+        for n, text in enumerate(CSV_AWKWARD, 1)
+        for status, edited, deleted, update_seq in [
+            ("", None, False, 0),
+            ("stopped", created, True, 2),
+            ("", None, True, 3),
+        ]
+    ]
+    usernames = {0: 'we,"ird', 1: "@alice"}
+    iso = datetime.isoformat
+    frames = export.message_frames(rows, "-room", usernames, iso)
+    assert export.csv_lines(rows, "-room", usernames, iso) == export.encode_csv(frames)
+
+
 # --- NDJSON ------------------------------------------------------------------------------
 
 
