@@ -1,16 +1,21 @@
 """Message exports: NDJSON and CSV encoders (pure) and the keyset-paged stream behind them.
 
-An export reads ``seq > last`` pages of ``values()`` rows in seq order, one query per page,
-so memory does not depend on the room's size: no model instances, no server-side cursor
-(PostgreSQL materialises a WITH HOLD cursor's whole result first in async code). Each page is
-read, encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader
-holds no database connection between pages and a cancelled export cannot leave one open. The
-next page is read while the current one is sent; ``chat.backpressure`` makes that sending wait
-for the client under daphne, so at most about two pages are held per export.
+An export reads ``seq > last`` pages of raw rows in seq order, one query per page, so memory
+does not depend on the room's size: no model instances, no server-side cursor (PostgreSQL
+materialises a WITH HOLD cursor's whole result first in async code). Each page is read,
+encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader holds
+no database connection between pages and a cancelled export cannot leave one open. The next
+page is read while the current one is sent; ``chat.backpressure`` makes that sending wait for
+the client under daphne, so at most about two pages are held per export.
 
-Every row is built with ``protocol.message_frame``: an NDJSON line is the WebSocket message
-frame (the same bytes but for three escaped line separators); a CSV row is the same fields,
-flattened. docs/protocol.md describes both.
+Rows per second is the figure that matters here (docs/benchmarks.md), so a page skips what
+costs per row without changing a byte: the ORM writes the SQL but a plain cursor runs it (no
+converters; SQLite datetimes are read as text and become isoformat by string edits), each
+author's username is read once per export (``UsernameCache``) instead of joined per row,
+frames are built from tuples and encoded in one pass per page, and CSV lines are formatted
+directly. Every row still equals ``protocol.message_frame``: an NDJSON line is the WebSocket
+message frame (the same bytes but for three escaped line separators); a CSV row is the same
+fields, flattened. tests/test_export.py pins both; docs/protocol.md describes them.
 """
 
 from __future__ import annotations
