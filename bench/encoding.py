@@ -1,7 +1,10 @@
 """Frame encodings side by side: bytes on the wire and CPU per frame, JSON vs MessagePack, and
-the JSON encoder (stdlib vs orjson when installed), on frames shaped like the real ones.
+the JSON encoder (stdlib vs orjson vs msgspec when importable), on frames shaped like the real
+ones, then per row of an export page (NDJSON: one frame per line).
 
     .venv/bin/python -m bench.encoding [--quick]
+    PYTHONPATH=<folder with msgspec> .venv/bin/python -m bench.encoding   # msgspec is not a
+                                                                            # dependency
 
 Prints a table and ratios against stdlib JSON, measured in this invocation. The server's cost
 per *recipient* does not depend on the format (each frame is encoded once per format, and the
@@ -20,6 +23,11 @@ from typing import Any
 
 import msgpack
 import orjson
+
+try:
+    import msgspec
+except ImportError:  # not a dependency: compared only where installed
+    msgspec = None
 
 
 def frames() -> dict[str, dict[str, Any]]:
@@ -52,7 +60,49 @@ def frames() -> dict[str, dict[str, Any]]:
             "leaves": [],
         },
         "ack": {"type": "ack", "client_id": "6f1c2b0e-8d4a-4b7e-9c3d-2a1b0c9d8e7f", "seq": 123456},
+        "SSE assistant delta": {"content": " the meeting"},
     }
+
+
+def export_page(rows: int = 3000) -> list[dict[str, Any]]:
+    """Message frames like bench/export.py's rows (about 130 characters of text)."""
+    pad = "lorem ipsum dolor sit amet, consectetur adipiscing elit " * 2
+    users = [{"id": n, "username": name} for n, name in enumerate(["alice", "bob", "carol"])]
+    return [
+        {
+            "type": "message",
+            "seq": s,
+            "id": s + 7,
+            "room": "lobby",
+            "user": users[s % 3],
+            "text": f"message {s}: {pad}",
+            "client_id": f"c{s}" if s % 2 else None,
+            "created_at": "2026-12-01T23:59:01.123456+00:00",
+        }
+        for s in range(rows)
+    ]
+
+
+def export_lines(repeat: int, rounds: int) -> None:
+    """µs per row to encode one export page as NDJSON, each encoder in its fastest form."""
+    page = export_page()
+    encoders: dict[str, Callable[[], bytes]] = {
+        "stdlib json.dumps per row": lambda: "".join(
+            [json.dumps(f, ensure_ascii=False, separators=(",", ":")) + "\n" for f in page]
+        ).encode(),
+        "orjson per row, APPEND_NEWLINE": lambda: b"".join(
+            [orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) for f in page]
+        ),
+    }
+    if msgspec is not None:
+        encoder = msgspec.json.Encoder()
+        encoders["msgspec Encoder.encode_lines"] = lambda: encoder.encode_lines(page)
+    outputs = {name: fn() for name, fn in encoders.items()}
+    assert len(set(outputs.values())) == 1, "the encoders disagree on the bytes"
+    print(f"\nexport page of {len(page)} message frames as NDJSON (same bytes from each):")
+    for name, fn in encoders.items():
+        per_row = per_call_us(fn, max(1, repeat // 1000), rounds) / len(page)
+        print(f"  {name:34} {per_row:6.3f} µs/row")
 
 
 def per_call_us(fn: Callable[[], Any], repeat: int, rounds: int) -> float:
@@ -72,8 +122,8 @@ def main() -> None:
     repeat, rounds = (2000, 3) if args.quick else (20000, 7)
     print(
         f"{'frame':34} {'JSON B':>7} {'msgpack B':>9} {'ratio':>6}   "
-        f"{'json µs':>8} {'orjson µs':>9} {'msgpack µs':>10} {'decode json':>11} "
-        f"{'decode mp':>9}"
+        f"{'json µs':>8} {'orjson µs':>9} {'msgspec µs':>10} {'msgpack µs':>10} "
+        f"{'decode json':>11} {'decode mp':>9}"
     )
     for name, frame in frames().items():
         text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
@@ -86,6 +136,12 @@ def main() -> None:
         def fast(f: dict[str, Any] = frame) -> str:
             return orjson.dumps(f).decode()
 
+        def spec(f: dict[str, Any] = frame) -> str:
+            return msgspec.json.encode(f).decode()
+
+        if msgspec is not None:
+            assert spec() == fast() == stdlib(), "the JSON encoders disagree on the bytes"
+
         def binary(f: dict[str, Any] = frame) -> bytes:
             return msgpack.packb(f, use_bin_type=True)
 
@@ -97,13 +153,16 @@ def main() -> None:
 
         enc_json = per_call_us(stdlib, repeat, rounds)
         enc_or = per_call_us(fast, repeat, rounds)
+        enc_spec = per_call_us(spec, repeat, rounds) if msgspec is not None else float("nan")
         enc_mp = per_call_us(binary, repeat, rounds)
         dec_json = per_call_us(load_json, repeat, rounds)
         dec_mp = per_call_us(load_msgpack, repeat, rounds)
         print(
             f"{name:34} {json_bytes:7d} {len(data):9d} {len(data) / json_bytes:6.2f}   "
-            f"{enc_json:8.2f} {enc_or:9.2f} {enc_mp:10.2f} {dec_json:11.2f} {dec_mp:9.2f}"
+            f"{enc_json:8.2f} {enc_or:9.2f} {enc_spec:10.2f} {enc_mp:10.2f} {dec_json:11.2f} "
+            f"{dec_mp:9.2f}"
         )
+    export_lines(repeat, rounds)
 
 
 if __name__ == "__main__":

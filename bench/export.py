@@ -11,10 +11,13 @@ RSS (``/proc/<pid>/status``) while one client downloads the export:
   with ``select_related("user")``) and returns one JSON document. It lives here, in a URLconf
   the bench generates, never in the app;
 - ``slow reader``: the NDJSON export read at ``--slow-rate`` bytes/s for ``--slow-seconds``,
-  with and without the bound.
+  with and without the bound;
+- ``previous ndjson`` / ``previous csv`` (with ``--baseline-ref REF``): the shipped export of
+  a ``git worktree`` of REF (``bench.harness.baseline_tree``) on the same database, e.g. the
+  main commit before a change to the export.
 
     .venv/bin/python bench/export.py [--rows 1000000] [--dbs sqlite,postgres]
-        [--slow-seconds 60] [--slow-rate 1000000] [--page-size 2000]
+        [--slow-seconds 60] [--slow-rate 1000000] [--page-size 2000] [--baseline-ref REF]
 
 Prints one line per case, then the ratios. Takes several minutes for a million rows.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -39,6 +43,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import harness
 from tests import servers
 
 MB = 1024 * 1024
@@ -126,16 +131,23 @@ async def naive_export(request: Any, slug: str) -> Any:
 
 
 class BenchDaphne(servers.DaphneServer):
-    """A daphne serving ``app`` (a dotted ``module:attribute``) with the bench's modules."""
+    """A daphne serving ``app`` (a dotted ``module:attribute``) with the bench's modules, from
+    this checkout or from ``tree`` (a baseline checkout)."""
 
-    def __init__(self, env: dict[str, str], app: str) -> None:
+    def __init__(self, env: dict[str, str], app: str, tree: Path | None = None) -> None:
         super().__init__(env)
         self.app = app
+        self.tree = tree
 
     def start(self) -> BenchDaphne:
         env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        root = self.tree or servers.REPO_ROOT
+        if self.tree is not None:
+            # The bench's generated modules first, then the baseline's code instead of ours.
+            site = env["PYTHONPATH"].split(os.pathsep)[0]
+            env["PYTHONPATH"] = f"{site}{os.pathsep}{self.tree}"
         args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
-        self._spawn([*args, self.app], env=env, cwd=servers.REPO_ROOT)
+        self._spawn([*args, self.app], env=env, cwd=root)
         servers._wait_until(self._healthy, self, 60, "GET /healthz")
         return self
 
@@ -248,8 +260,9 @@ async def measure(
     expected_rows: int,
     rate: float | None = None,
     seconds: float = 0,
+    tree: Path | None = None,
 ) -> Result:
-    server = BenchDaphne(env, app).start()
+    server = BenchDaphne(env, app, tree).start()
     try:
         cookie = await servers.login(server.base_url, "alice")
         # Warm up imports and the first connection with a tiny export.
@@ -281,14 +294,21 @@ async def measure(
         server.cleanup()
 
 
-async def run_db(db: str, env: dict[str, str], args: argparse.Namespace) -> list[Result]:
+async def run_db(
+    db: str, env: dict[str, str], args: argparse.Namespace, baseline: Path | None
+) -> list[Result]:
     rows = args.rows
     bounded, unbounded = "project.asgi:application", "bench_export_asgi:application"
     results: list[Result] = []
+    ndjson, csv = "/chat/lobby/export/?format=ndjson", "/chat/lobby/export/?format=csv"
     cases: list[tuple[str, str, str, float | None]] = [
-        ("stream ndjson", bounded, "/chat/lobby/export/?format=ndjson", None),
-        ("stream csv", bounded, "/chat/lobby/export/?format=csv", None),
-        ("stream ndjson, no bound", unbounded, "/chat/lobby/export/?format=ndjson", None),
+        ("stream ndjson", bounded, ndjson, None),
+        ("stream csv", bounded, csv, None),
+    ]
+    if baseline is not None:
+        cases += [("previous ndjson", bounded, ndjson, None), ("previous csv", bounded, csv, None)]
+    cases += [
+        ("stream ndjson, no bound", unbounded, ndjson, None),
         ("naive json (list())", bounded, "/bench/naive/lobby/", None),
     ]
     if db in args.slow_dbs.split(","):
@@ -303,7 +323,8 @@ async def run_db(db: str, env: dict[str, str], args: argparse.Namespace) -> list
             ),
         ]
     for case, app, path, rate in cases:
-        result = await measure(db, case, env, app, path, rows, rate, args.slow_seconds)
+        tree = baseline if case.startswith("previous") else None
+        result = await measure(db, case, env, app, path, rows, rate, args.slow_seconds, tree)
         print(result.line(), flush=True)
         results.append(result)
     return results
@@ -326,6 +347,13 @@ def ratios(results: list[Result]) -> None:
                 f"  first byte {naive.first_byte_ms / max(stream.first_byte_ms, 0.1):7.0f}x"
                 f"  peak RSS growth {naive.rss_growth_mb / max(stream.rss_growth_mb, 0.1):6.0f}x"
             )
+        for fmt in ("ndjson", "csv"):
+            new, old = by.get((db, f"stream {fmt}")), by.get((db, f"previous {fmt}"))
+            if new and old:
+                print(
+                    f"ratio {db}: previous/stream {fmt}  time {old.seconds / new.seconds:5.2f}x"
+                    f"  ({old.rows / old.seconds:,.0f} -> {new.rows / new.seconds:,.0f} rows/s)"
+                )
         unbounded = by.get((db, "stream ndjson, no bound"))
         if stream and unbounded:
             print(
@@ -341,6 +369,16 @@ def ratios(results: list[Result]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if args.baseline_ref:
+            tree = stack.enter_context(harness.baseline_tree(args.baseline_ref))
+            print(f"previous: {tree.label}", flush=True)
+            baseline = tree.path
+        await run_all(args, baseline)
+
+
+async def run_all(args: argparse.Namespace, baseline: Path | None) -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         site = Path(tmp)
@@ -369,7 +407,7 @@ async def main_async(args: argparse.Namespace) -> None:
             try:
                 took = seed(env, args.rows)
                 print(f"{db}: stored {args.rows} messages in {took:.0f} s", flush=True)
-                results += await run_db(db, env, args)
+                results += await run_db(db, env, args, baseline)
             finally:
                 if postgres is not None:
                     postgres.cleanup()
@@ -384,6 +422,9 @@ def main() -> None:
     parser.add_argument("--slow-rate", type=float, default=1_000_000, help="bytes per second")
     parser.add_argument("--slow-seconds", type=float, default=60)
     parser.add_argument("--page-size", type=int, default=2000)
+    parser.add_argument(
+        "--baseline-ref", help="also export with the code of this git ref (previous ndjson/csv)"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -1,16 +1,21 @@
 """Message exports: NDJSON and CSV encoders (pure) and the keyset-paged stream behind them.
 
-An export reads ``seq > last`` pages of ``values()`` rows in seq order, one query per page,
-so memory does not depend on the room's size: no model instances, no server-side cursor
-(PostgreSQL materialises a WITH HOLD cursor's whole result first in async code). Each page is
-read, encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader
-holds no database connection between pages and a cancelled export cannot leave one open. The
-next page is read while the current one is sent; ``chat.backpressure`` makes that sending wait
-for the client under daphne, so at most about two pages are held per export.
+An export reads ``seq > last`` pages of raw rows in seq order, one query per page, so memory
+does not depend on the room's size: no model instances, no server-side cursor (PostgreSQL
+materialises a WITH HOLD cursor's whole result first in async code). Each page is read,
+encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader holds
+no database connection between pages and a cancelled export cannot leave one open. The next
+page is read while the current one is sent; ``chat.backpressure`` makes that sending wait for
+the client under daphne, so at most about two pages are held per export.
 
-Every row is built with ``protocol.message_frame``: an NDJSON line is the WebSocket message
-frame (the same bytes but for three escaped line separators); a CSV row is the same fields,
-flattened. docs/protocol.md describes both.
+Rows per second is the figure that matters here (docs/benchmarks.md), so a page skips what
+costs per row without changing a byte: the ORM writes the SQL but a plain cursor runs it (no
+converters; SQLite datetimes are read as text and become isoformat by string edits), each
+author's username is read once per export (``UsernameCache``) instead of joined per row,
+frames are built from tuples and encoded in one pass per page, and CSV lines are formatted
+directly. Every row still equals ``protocol.message_frame``: an NDJSON line is the WebSocket
+message frame (the same bytes but for three escaped line separators); a CSV row is the same
+fields, flattened. tests/test_export.py pins both; docs/protocol.md describes them.
 """
 
 from __future__ import annotations
@@ -19,15 +24,22 @@ import asyncio
 import csv
 import io
 import logging
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+import re
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import F, TextField
+from django.db.models.functions import Cast
 from django.http import StreamingHttpResponse
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from . import protocol
 from .api import BadParameter
@@ -50,6 +62,8 @@ CSV_COLUMNS = (
 )
 # Spreadsheets evaluate a cell that starts with one of these (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# What makes csv.writer (QUOTE_MINIMAL, lineterminator CRLF) quote a field.
+_NEEDS_QUOTES = re.compile(r'[,"\r\n]').search
 # Excel reads a CSV file as UTF-8 only when it starts with a byte order mark.
 UTF8_BOM = "\ufeff"
 # JSON leaves NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR raw inside strings, but Python's
@@ -58,6 +72,7 @@ UTF8_BOM = "\ufeff"
 # hold no line break but its final \n. (The other characters splitlines() breaks at are
 # control characters, which JSON escapes anyway.)
 LINE_BREAKS_TO_ESCAPE = {ord(c): f"\\u{ord(c):04x}" for c in "\u0085\u2028\u2029"}
+LINE_BREAK_BYTES = tuple((chr(c).encode(), e.encode()) for c, e in LINE_BREAKS_TO_ESCAPE.items())
 # Pages shrink below CHAT_EXPORT_PAGE_SIZE rows when texts are long, so that one page (the
 # rows, then the encoded chunk) stays near this size: 2000 texts of 4000 emoji would be 32 MB.
 TARGET_CHUNK_BYTES = 1024 * 1024
@@ -93,9 +108,14 @@ def csv_cells(frame: Mapping[str, Any]) -> list[Any]:
 
 def encode_csv(frames: Iterable[Mapping[str, Any]]) -> bytes:
     """CSV rows (RFC 4180: CRLF, quotes doubled, fields with quotes/commas/newlines quoted)."""
+    return write_csv(csv_cells(frame) for frame in frames)
+
+
+def write_csv(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Rows of cells as CSV (one ``csv.writer.writerows`` call: the loop runs in C)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerows(csv_cells(frame) for frame in frames)
+    writer.writerows(rows)
     return buffer.getvalue().encode("utf-8")
 
 
@@ -112,9 +132,19 @@ def ndjson_line(frame: dict[str, Any]) -> str:
     return protocol.encode(frame).translate(LINE_BREAKS_TO_ESCAPE) + "\n"
 
 
-def encode_ndjson(frames: Iterable[dict[str, Any]]) -> bytes:
+def encode_ndjson(frames: Sequence[dict[str, Any]]) -> bytes:
     """One frame per line, ``\\n`` after each; nothing else a reader could split a line at."""
-    return "".join(ndjson_line(frame) for frame in frames).encode("utf-8")
+    return escape_line_breaks(protocol.encode_lines(frames))
+
+
+def escape_line_breaks(data: bytes) -> bytes:
+    """``data`` (UTF-8) with LINE_BREAKS_TO_ESCAPE escaped, as ``ndjson_line`` does per line."""
+    # UTF-8 is self-synchronising: these byte sequences occur only as these characters, so
+    # a bytes replace over a whole page is exact, and far cheaper than str.translate per line.
+    for raw, escaped in LINE_BREAK_BYTES:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,18 @@ class ExportFormat:
 
     def encode(self, frames: Sequence[dict[str, Any]]) -> bytes:
         return encode_csv(frames) if self.name == "csv" else encode_ndjson(frames)
+
+    def encode_rows(
+        self,
+        rows: Sequence[Sequence[Any]],
+        room_slug: str,
+        usernames: Mapping[int, str],
+        iso: Callable[[Any], str],
+    ) -> bytes:
+        """``encode`` of the raw rows' frames (the same bytes), from the rows themselves."""
+        if self.name == "csv":
+            return csv_lines(rows, room_slug, usernames, iso)
+        return encode_ndjson(message_frames(rows, room_slug, usernames, iso))
 
 
 FORMATS = {
@@ -147,6 +189,177 @@ def parse_format(value: str | None) -> ExportFormat:
 
 # --- rows to frames ----------------------------------------------------------------------
 
+# Columns read per message, in this order (the username comes from UsernameCache).
+ROW_FIELDS = (
+    "seq",
+    "id",
+    "text",
+    "client_id",
+    "created_at",
+    "status",
+    "edited_at",
+    "deleted",
+    "update_seq",
+    "user_id",
+)
+# Usernames kept per export: one query per page reads those not cached yet. Past this many
+# authors the cache starts again, so an export's memory stays bounded however many wrote.
+USERNAME_CACHE_MAX_ENTRIES = 10_000
+
+
+class UsernameCache:
+    """user id -> username for one export, read once per author instead of joined per row."""
+
+    def __init__(self, max_entries: int = USERNAME_CACHE_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self.names: dict[int, str] = {}
+
+    def fill(self, user_ids: Iterable[int]) -> dict[int, str]:
+        """Read the usernames of ``user_ids`` not cached yet (one query); return the cache."""
+        missing = set(user_ids).difference(self.names)
+        if not missing:
+            return self.names
+        if len(self.names) + len(missing) > self.max_entries:
+            self.names = {}
+        user_model = get_user_model()
+        # get_username() reads USERNAME_FIELD: custom user models need not call it username.
+        found = user_model._default_manager.filter(pk__in=missing).values_list(
+            "pk", user_model.USERNAME_FIELD
+        )
+        self.names.update((pk, str(name)) for pk, name in found)
+        return self.names
+
+
+def iso_datetimes(connection: BaseDatabaseWrapper) -> Callable[[Any], str]:
+    """A function from this connection's raw datetime values to ``datetime.isoformat()``.
+
+    Raw cursor values skip Django's converters, which cost more than the rest of a row: on
+    SQLite the column is read as text (``CAST``, see ``page_sql``) and is, for values Django
+    wrote, ``str()`` of the naive UTC datetime, which becomes its isoformat by string edits.
+    """
+    tz = connection.timezone if settings.USE_TZ else None
+    if connection.vendor == "sqlite":
+        offset = "+00:00" if settings.USE_TZ else ""
+        utc = connection.timezone_name == "UTC"
+
+        def from_text(value: str) -> str:
+            if utc and len(value) in (19, 26) and value[10] == " ":
+                return value[:10] + "T" + value[11:] + offset
+            return _aware(parse_datetime(value), tz).isoformat()  # type: ignore[arg-type]
+
+        return from_text
+    return lambda value: _aware(value, tz).isoformat()
+
+
+def _aware(value: datetime, tz: tzinfo | None) -> datetime:
+    # As Django's converters do (MySQL, SQLite): naive values are in the connection's zone.
+    if tz is not None and value.tzinfo is None:
+        return timezone.make_aware(value, tz)
+    return value
+
+
+def page_sql(room: RoomSnapshot, after: int, limit: int) -> tuple[str, tuple[Any, ...], str]:
+    """The SQL of one keyset page (ROW_FIELDS in order), its parameters and its database."""
+    queryset = Message.objects.filter(room_id=room.id, seq__gt=after, seq__lte=room.upto)
+    db = queryset.db
+    sqlite = connections[db].vendor == "sqlite"
+    # Every column an annotation, so the SQL selects them in ROW_FIELDS order.
+    columns = {f"_{name}": _column(name, sqlite) for name in ROW_FIELDS}
+    queryset = queryset.annotate(**columns).values_list(*columns).order_by("seq")[:limit]
+    sql, params = queryset.query.get_compiler(using=db).as_sql()
+    return sql, tuple(params), db
+
+
+def _column(name: str, sqlite: bool) -> Any:
+    if sqlite and name in ("created_at", "edited_at"):
+        # Read as text: the sqlite3 module would otherwise parse each value with Django's
+        # parse_datetime (a regular expression per row), only for iso_datetimes to format it.
+        return Cast(name, TextField())
+    return F(name)
+
+
+def fetch_rows(room: RoomSnapshot, after: int, limit: int) -> tuple[list[tuple[Any, ...]], str]:
+    """Raw rows (ROW_FIELDS) of one page through a plain cursor, and the database's alias."""
+    sql, params, db = page_sql(room, after, limit)
+    with connections[db].cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall(), db
+
+
+def message_frames(
+    rows: Iterable[Sequence[Any]],
+    room_slug: str,
+    usernames: Mapping[int, str],
+    iso: Callable[[Any], str],
+) -> list[dict[str, Any]]:
+    """``protocol.message_frame`` of each raw row (ROW_FIELDS), without a model instance.
+
+    tests/test_export.py pins this to message_frame for every kind of message.
+    """
+    users = {pk: protocol.user_frame(_Author(pk, name)) for pk, name in usernames.items()}
+    frames = []
+    for seq, pk, text, client_id, created_at, status, edited_at, deleted, update_seq, uid in rows:
+        frame = {
+            "type": "message",
+            "seq": seq,
+            "id": pk,
+            "room": room_slug,
+            "user": users[uid],
+            "text": text,
+            "client_id": client_id or None,
+            "created_at": iso(created_at),
+        }
+        if status:
+            frame["status"] = status
+        if update_seq:
+            frame["edited_at"] = iso(edited_at) if edited_at is not None else None
+            frame["deleted"] = bool(deleted)
+            frame["update_seq"] = update_seq
+        frames.append(frame)
+    return frames
+
+
+def csv_field(value: str) -> str:
+    """``value`` as one CSV field, exactly as ``csv.writer`` (QUOTE_MINIMAL, CRLF) writes it."""
+    if _NEEDS_QUOTES(value):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_lines(
+    rows: Iterable[Sequence[Any]],
+    room_slug: str,
+    usernames: Mapping[int, str],
+    iso: Callable[[Any], str],
+) -> bytes:
+    """``encode_csv`` of each raw row's frame, without building frames or a csv.writer.
+
+    csv.writer copies every character of every field through its quoting state machine (it
+    cost 2.6x this loop, measured); here only the text fields are scanned, by a regular
+    expression, and numbers, dates and true/false go out as they are: they never need quotes.
+    tests/test_export.py pins the output to csv.writer's for awkward texts.
+    """
+    room = csv_field(neutralise_cell(room_slug))
+    names = {pk: csv_field(neutralise_cell(name)) for pk, name in usernames.items()}
+    prefixes, needs_quotes = FORMULA_PREFIXES, _NEEDS_QUOTES
+    lines = []
+    for seq, pk, text, client_id, created_at, status, edited_at, deleted, update_seq, uid in rows:
+        if text.startswith(prefixes):
+            text = "'" + text
+        if needs_quotes(text):
+            text = '"' + text.replace('"', '""') + '"'
+        if client_id:
+            client_id = csv_field(neutralise_cell(client_id))
+        if status:
+            status = csv_field(status)
+        changed = iso(edited_at) if update_seq and edited_at is not None else ""
+        flag = "true" if update_seq and deleted else "false"
+        lines.append(
+            f"{seq},{pk},{room},{uid},{names[uid]},{text},{client_id},{iso(created_at)},"
+            f"{status},{changed},{flag}\r\n"
+        )
+    return "".join(lines).encode("utf-8")
+
 
 @dataclass(slots=True)
 class _Author:
@@ -155,56 +368,6 @@ class _Author:
 
     def get_username(self) -> str:
         return self.username
-
-
-@dataclass(slots=True)
-class _Row:
-    id: int
-    seq: int
-    text: str
-    client_id: str
-    created_at: datetime
-    status: str
-    edited_at: datetime | None
-    deleted: bool
-    update_seq: int
-
-
-def frame_from_values(row: Mapping[str, Any], room_slug: str, username_key: str) -> dict[str, Any]:
-    """The message frame of one ``values()`` row (see ``row_fields``), via message_frame."""
-    message = _Row(
-        row["id"],
-        row["seq"],
-        row["text"],
-        row["client_id"],
-        row["created_at"],
-        row["status"],
-        row["edited_at"],
-        row["deleted"],
-        row["update_seq"],
-    )
-    return protocol.message_frame(message, room_slug, _Author(row["user_id"], row[username_key]))
-
-
-def username_key() -> str:
-    # The user's USERNAME_FIELD through the join, as get_username() reads it.
-    return "user__" + get_user_model().USERNAME_FIELD
-
-
-def row_fields() -> tuple[str, ...]:
-    return (
-        "seq",
-        "id",
-        "text",
-        "client_id",
-        "created_at",
-        "status",
-        "edited_at",
-        "deleted",
-        "update_seq",
-        "user_id",
-        username_key(),
-    )
 
 
 # --- the stream ----------------------------------------------------------------------------
@@ -226,23 +389,26 @@ class Page:
     last_seq: int
 
 
-def read_page(room: RoomSnapshot, after: int, limit: int, fmt: ExportFormat) -> Page:
+def read_page(
+    room: RoomSnapshot,
+    after: int,
+    limit: int,
+    fmt: ExportFormat,
+    usernames: UsernameCache | None = None,
+) -> Page:
     """Read and encode the next page of a room, then release the database connection."""
+    cache = usernames if usernames is not None else UsernameCache()
     try:
-        key = username_key()
-        rows = list(
-            Message.objects.filter(room_id=room.id, seq__gt=after, seq__lte=room.upto)
-            .order_by("seq")
-            .values(*row_fields())[:limit]
-        )
+        rows, db = fetch_rows(room, after, limit)
+        names = cache.fill({row[-1] for row in rows})
+        iso = iso_datetimes(connections[db])
     finally:
         # With CONN_MAX_AGE=0 this closes the connection: a slow reader holds none while
         # the client drains the page. Hosts with persistent connections keep theirs.
         close_old_connections()
     if not rows:
         return Page(b"", 0, after)
-    frames = [frame_from_values(row, room.slug, key) for row in rows]
-    return Page(fmt.encode(frames), len(rows), rows[-1]["seq"])
+    return Page(fmt.encode_rows(rows, room.slug, names, iso), len(rows), rows[-1][0])
 
 
 def next_page_size(page: Page, page_size: int) -> int:
@@ -268,6 +434,7 @@ async def stream_export(
     outcome = "aborted"
     pending: asyncio.Future[Page] | None = None
     aread_page = sync_to_async(read_page)
+    usernames = UsernameCache()
     logger.info("Export started: %s format=%s after=%d", audit, fmt.name, after)
     try:
         # The first chunk goes out before any query: the client gets the status line and
@@ -277,7 +444,7 @@ async def stream_export(
         for room in rooms:
             if after >= room.upto:
                 continue
-            pending = asyncio.ensure_future(aread_page(room, after, limit, fmt))
+            pending = asyncio.ensure_future(aread_page(room, after, limit, fmt, usernames))
             while pending is not None:
                 page = await pending
                 pending = None
@@ -288,7 +455,8 @@ async def stream_export(
                 if page.last_seq < room.upto:
                     # Read the next page while this one is sent: with backpressure the two
                     # would otherwise take turns (half the throughput, measured).
-                    pending = asyncio.ensure_future(aread_page(room, page.last_seq, limit, fmt))
+                    next_page = aread_page(room, page.last_seq, limit, fmt, usernames)
+                    pending = asyncio.ensure_future(next_page)
                 yield page.data
         outcome = "complete"
     except Exception:

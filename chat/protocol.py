@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -505,6 +505,11 @@ def encode(frames: dict[str, Any] | list[dict[str, Any]]) -> str:
     frames, same compact output (UTF-8 kept as is, minimal escapes).
     """
     return orjson.dumps(frames).decode("utf-8")
+
+
+def encode_lines(frames: Iterable[dict[str, Any]]) -> bytes:
+    """Each frame as ``encode`` makes it, in UTF-8, with ``\\n`` after each (NDJSON)."""
+    return b"".join([orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE) for frame in frames])
 
 
 def encoded_text_bytes(text: str) -> int:

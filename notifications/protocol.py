@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import orjson
+
 from realtime_kit import sse
 
 # SSE event names.
@@ -46,7 +48,9 @@ class NotificationLike(Protocol):
 
 
 def _dumps(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # orjson, as chat's frames (docs/benchmarks.md, "Frame encodings"): the stdlib's compact
+    # output (UTF-8 kept, minimal escapes), byte for byte, for a fraction of the CPU.
+    text = orjson.dumps(value).decode("utf-8")
     # Valid JSON either way; escaped, no client that splits lines at Unicode separators
     # (U+2028/U+2029, as Python's str.splitlines does) can break an event apart.
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

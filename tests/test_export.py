@@ -117,6 +117,51 @@ def test_csv_quotes_fields_that_need_it_rfc4180() -> None:
     assert data.endswith(b"\r\n")
 
 
+CSV_AWKWARD = [
+    "",
+    " ",
+    "plain",
+    "a,b",
+    'say "hi"',
+    '"',
+    "cr\ronly",
+    "lf\nonly",
+    "crlf\r\n",
+    "tab\tx",
+    "=SUM(1)",
+    "'",
+    "😀 ✓ 東京",
+    "\u2028\x85",
+    ' ,"\r\n"" ',
+]
+
+
+@pytest.mark.parametrize("value", CSV_AWKWARD)
+def test_csv_field_is_what_csv_writer_writes(value: str) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(["x", value, "y"])
+    assert f"x,{export.csv_field(value)},y\r\n" == buffer.getvalue()
+
+
+def test_csv_lines_of_raw_rows_are_encode_csv_of_their_frames() -> None:
+    created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
+    rows = [
+        # ROW_FIELDS: seq, id, text, client_id, created_at, status, edited_at, deleted,
+        # update_seq, user_id
+        (n, 100 + n, text, text, created, status, edited, deleted, update_seq, n % 2)
+        for n, text in enumerate(CSV_AWKWARD, 1)
+        for status, edited, deleted, update_seq in [
+            ("", None, False, 0),
+            ("stopped", created, True, 2),
+            ("", None, True, 3),
+        ]
+    ]
+    usernames = {0: 'we,"ird', 1: "@alice"}
+    iso = datetime.isoformat
+    frames = export.message_frames(rows, "-room", usernames, iso)
+    assert export.csv_lines(rows, "-room", usernames, iso) == export.encode_csv(frames)
+
+
 # --- NDJSON ------------------------------------------------------------------------------
 
 
@@ -187,26 +232,87 @@ def test_parse_format() -> None:
 # --- rows to frames ------------------------------------------------------------------------
 
 
+def _every_kind_of_message(room: Room, user: User) -> None:
+    """Plain, with a client_id, an assistant status, edited, deleted, awkward text and times."""
+    created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
+    on_the_second = datetime(2026, 11, 21, 6, 0, 1, tzinfo=UTC)  # isoformat without .ffffff
+    kinds: list[dict[str, Any]] = [
+        {},
+        {"client_id": "cid-2"},
+        {"client_id": "asst-1", "status": "stopped"},
+        {"text": "edited ✓", "edited_at": on_the_second, "update_seq": 1},
+        {"text": "", "edited_at": created, "deleted": True, "update_seq": 2},
+        {"text": '=1+2 \u2028 \u0085 \u2029 "q", \r\n', "client_id": "@x"},
+        {"created_at": on_the_second, "update_seq": 3},  # changed, then changed back
+    ]
+    for seq, kind in enumerate(kinds, 1):
+        fields = {"text": f"t{seq} ✓", **kind}
+        when = fields.pop("created_at", created)
+        message = Message.objects.create(room=room, seq=seq, user=user, **fields)
+        Message.objects.filter(pk=message.pk).update(created_at=when)
+
+
 @pytest.mark.django_db
-def test_frame_from_values_equals_message_frame_of_the_instance() -> None:
+@pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+def test_read_page_is_the_encoding_of_message_frame_of_each_instance(fmt: str) -> None:
+    # The raw-row fast path must give the very bytes of the frames the WebSocket sends.
     user = User.objects.create_user(username="zoë", password="x")
     room = Room.objects.create(slug="lobby", title="Lobby")
-    created = datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC)
-    for seq, client_id, status in [(1, "", ""), (2, "cid-2", ""), (3, "asst-1", "stopped")]:
-        message = Message.objects.create(
-            room=room, seq=seq, user=user, text=f"t{seq} ✓", client_id=client_id, status=status
-        )
-        Message.objects.filter(pk=message.pk).update(created_at=created)
-    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=3)
-    rows = list(Message.objects.order_by("seq").values(*export.row_fields()))
-    from_values = [export.frame_from_values(r, room.slug, export.username_key()) for r in rows]
+    _every_kind_of_message(room, user)
     instances = Message.objects.select_related("user").order_by("seq")
-    assert from_values == [protocol.message_frame(m, room.slug, m.user) for m in instances]
-    assert from_values[2]["status"] == "stopped" and "status" not in from_values[0]
-    page = export.read_page(snapshot, 0, 10, export.FORMATS["ndjson"])
-    assert page.rows == 3
-    assert page.last_seq == 3
-    assert [json.loads(line) for line in page.data.decode().splitlines()] == from_values
+    frames = [protocol.message_frame(m, room.slug, m.user) for m in instances]
+    assert frames[2]["status"] == "stopped" and "status" not in frames[0]
+    assert frames[4]["deleted"] is True and frames[3]["edited_at"].endswith(":01+00:00")
+    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=len(frames))
+    page = export.read_page(snapshot, 0, 100, export.FORMATS[fmt])
+    assert page.rows == len(frames)
+    assert page.last_seq == len(frames)
+    reference = export.FORMATS[fmt].encode(frames)
+    assert page.data == reference
+    if fmt == "ndjson":
+        assert page.data == "".join(export.ndjson_line(f) for f in frames).encode()
+
+
+@pytest.mark.django_db
+def test_usernames_are_read_once_per_author_and_the_cache_is_bounded(
+    django_assert_num_queries: Any,
+) -> None:
+    users = [User.objects.create_user(username=f"u{n}", password="x") for n in range(3)]
+    room = Room.objects.create(slug="r", title="R")
+    Message.objects.bulk_create(
+        Message(room=room, seq=s, user=users[s % 3], text=str(s)) for s in range(1, 13)
+    )
+    snapshot = export.RoomSnapshot(room.pk, room.slug, upto=12)
+    cache = export.UsernameCache(max_entries=3)
+    ndjson = export.FORMATS["ndjson"]
+    with django_assert_num_queries(2):  # the page, then the three usernames
+        export.read_page(snapshot, 0, 6, ndjson, cache)
+    with django_assert_num_queries(1):  # the page: every author is cached
+        page = export.read_page(snapshot, 6, 6, ndjson, cache)
+    assert [json.loads(line)["user"]["username"] for line in page.data.splitlines()] == [
+        f"u{s % 3}" for s in range(7, 13)
+    ]
+    # A fourth author would overflow the bound: the cache starts again.
+    extra = User.objects.create_user(username="u3", password="x")
+    assert cache.fill([extra.pk]) == {extra.pk: "u3"}
+
+
+def test_iso_datetimes_from_sqlite_text_equal_isoformat() -> None:
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite stores datetimes as text")
+    iso = export.iso_datetimes(connection)
+    for value in [
+        datetime(2026, 11, 21, 6, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 11, 21, 6, 0, 0, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    ]:
+        # How Django's SQLite backend writes an aware datetime (naive, in UTC).
+        stored = connection.ops.adapt_datetimefield_value(value)
+        assert iso(stored) == value.isoformat()
+    # Text that other code wrote in another ISO form goes through parse_datetime.
+    assert iso("2026-11-21T06:00:00.5") == "2026-11-21T06:00:00.500000+00:00"
 
 
 @pytest.mark.django_db

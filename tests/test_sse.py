@@ -167,3 +167,26 @@ def test_error_body() -> None:
     assert error_body("too_many_streams", "m", limit=10) == {
         "error": {"code": "too_many_streams", "message": "m", "limit": 10}
     }
+
+
+AWKWARD_TEXTS = ['q "x" \\ /', "tab\there\nnl\r\x00\x1f\x7f", "😀 Grüße 東京 \u2028\u2029", ""]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+def test_sse_json_is_the_stdlib_compact_json_byte_for_byte(text: str) -> None:
+    # Both apps encode SSE data with orjson; clients were written against json.dumps output.
+    from chat.assistant import protocol as assistant_protocol
+    from realtime_kit import sse
+
+    when = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
+    value = {"content": text, "n": 12, "ok": True, "none": None, "list": [1, "a"]}
+    stdlib = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert assistant_protocol.sse_json(value) == sse.encode_event(stdlib).encode()
+    tail = protocol.notification_tail(text, text, "/u", "info", when, read=False)
+    fields = {"title": text, "body": text, "url": "/u", "level": "info"}
+    expected = json.dumps(
+        {**fields, "created_at": when.isoformat(), "read": False},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    assert tail == expected.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")[1:]

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
+import orjson
+
 from realtime_kit import sse
 
 from ..llm.base import ROLES, ChatMessage
@@ -20,10 +22,12 @@ SSE_DONE = sse.encode_event("[DONE]").encode()  # b"data: [DONE]\n\n": the reply
 
 
 def sse_json(obj: Any, event: str | None = None) -> bytes:
-    """Encode ``obj`` as the JSON data of one event (JSON text is always one line)."""
-    return sse.encode_event(
-        json.dumps(obj, ensure_ascii=False, separators=(",", ":")), event
-    ).encode()
+    """Encode ``obj`` as the JSON data of one event (JSON text is always one line).
+
+    orjson, as for WebSocket frames (docs/benchmarks.md, "Frame encodings"): the stdlib's
+    compact output, byte for byte, for a fraction of the CPU.
+    """
+    return sse.encode_event(orjson.dumps(obj).decode("utf-8"), event).encode()
 
 
 def sse_comment(text: str = "") -> bytes:
