@@ -10,7 +10,7 @@ import json
 import re
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, expect
 
 from tests.browsers import submit_login, watched_context
 from tests.servers import DaphneServer, seed_messages
@@ -25,7 +25,7 @@ from tests.test_browser_chat import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 MIN_CONTRAST = 4.5
 
 # The WCAG contrast ratio of an element's text colour against the first opaque background
