@@ -30,7 +30,7 @@
  * outboxLength, sessions (hellos received), config, reconnectNow() and sendFrame(frame).
  *
  * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
- * "chat:message" {seq, user, client_id, status, older} after a message is rendered (older:
+ * "chat:message" {seq, user, client_id, status, demo, older} after a message is rendered (older:
  * true for pages of older history), "chat:update" {seq, deleted} after a change is shown,
  * and "chat:frame" (the frame) for
  * frame types this file does not handle (presence, typing, read markers).
@@ -511,6 +511,7 @@
       user: msg.user,
       client_id: msg.client_id,
       status: msg.status || "",
+      demo: msg.demo === true,
     });
   }
 
@@ -535,6 +536,7 @@
         user: msg.user,
         client_id: msg.client_id,
         status: msg.status || "",
+        demo: msg.demo === true,
         older: true,
       });
     }

@@ -111,6 +111,11 @@
   // Every rendered message: the stored reply replaces its bubble; stopped/failed get a label.
   function onMessage(detail) {
     if (detail.client_id && streams.has(detail.client_id)) removeBubble(detail.client_id);
+    // A stored reply of the demo backend keeps the bubble's "demo" mark (after reloads too).
+    if (detail.demo) {
+      const li = list.querySelector(`li[data-seq="${detail.seq}"]`);
+      if (li && !li.querySelector(".meta .demo")) li.querySelector(".author").after(demoTag());
+    }
     if (detail.status) {
       const li = list.querySelector(`li[data-seq="${detail.seq}"]`);
       if (li && !li.dataset.status) {
@@ -134,13 +139,7 @@
     who.className = "author";
     who.textContent = (frame.user && frame.user.username) || "assistant";
     meta.append(who);
-    if (frame.demo) {
-      const tag = document.createElement("span");
-      tag.className = "tag demo";
-      tag.textContent = "demo";
-      tag.title = "No model is configured: this is the offline demo backend.";
-      meta.append(tag);
-    }
+    if (frame.demo) meta.append(demoTag());
     const asker = frame.requested_by;
     if (asker) {
       const note = document.createElement("span");
@@ -156,6 +155,15 @@
     list.append(li);
     if (stick) list.scrollTop = list.scrollHeight;
     return { li, textEl: body, text: "", next: 0, ended: false };
+  }
+
+  function demoTag() {
+    const tag = document.createElement("span");
+    tag.className = "tag demo";
+    tag.dataset.testid = "demo-label";
+    tag.textContent = "demo";
+    tag.title = "No model is configured: this is the offline demo backend.";
+    return tag;
   }
 
   function stopButton(streamId) {
