@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
+from collections.abc import Callable
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
@@ -217,3 +218,27 @@ def test_new_messages_pill_when_scrolled_up(
     send(bob, "at the bottom")
     expect(alice.locator(CONFIRMED_TEXTS).last).to_have_text("at the bottom")
     expect(pill).to_be_hidden()
+
+
+def test_a_stored_demo_reply_keeps_its_demo_mark(
+    browser: Browser,
+    page_errors: list[str],
+    start_daphne: Callable[..., DaphneServer],
+    sqlite_env: dict[str, str],
+) -> None:
+    server = start_daphne(
+        {**sqlite_env, "OPENAI_API_KEY": "", "CHAT_ASSISTANT_DEMO_DELAY_SECONDS": "0.01"}
+    )
+    alice = open_room(new_context(browser, page_errors), server, "alice")
+    send(alice, "@assistant what is a seq?")
+    reply = message(alice, 2)
+    expect(reply.locator(".text")).to_contain_text("offline demo assistant")
+    expect(reply.locator(".author")).to_have_text("assistant")
+    expect(reply.get_by_test_id("demo-label")).to_have_text("demo")
+    # Only the question is quoted, not the room's "alice: @assistant" framing.
+    expect(reply.locator(".text")).to_contain_text("“what is a seq?”")
+    expect(reply.locator(".text")).not_to_contain_text("alice:")
+    # After a reload it comes from history, still marked.
+    alice.reload()
+    expect(message(alice, 2).get_by_test_id("demo-label")).to_have_text("demo")
+    expect(message(alice, 1).get_by_test_id("demo-label")).to_have_count(0)
