@@ -29,6 +29,14 @@
  * Debug hook (read-only, for tests and the console): window.chatClient with state, lastSeq,
  * outboxLength, sessions (hellos received), config, reconnectNow() and sendFrame(frame).
  *
+ * Rendering: message text is plain text; render.js (loaded first) turns it into elements
+ * (links, code, bold, italic, mentions) without ever parsing it as HTML. Messages of one
+ * author within 5 minutes are grouped, each day gets a separator, times are relative with the
+ * absolute time in their title, and seq 1 (or an empty room) gets a "start of the room"
+ * marker. Scrolled up, a "new messages" pill counts what arrived below and a button jumps to
+ * the newest. Only new live messages from others are announced to screen readers (a hidden
+ * aria-live region); history and older pages are not.
+ *
  * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
  * "chat:message" {seq, user, client_id, status, demo, older} after a message is rendered (older:
  * true for pages of older history), "chat:update" {seq, deleted} after a change is shown,
@@ -173,6 +181,8 @@
         els.form.requestSubmit();
       }
     });
+    // The composer grows with its lines (up to its CSS max-height, then it scrolls).
+    els.input.addEventListener("input", fitComposer);
     els.list.addEventListener("scroll", onListScroll);
     for (const button of [els.newPill, els.jump]) {
       if (button) button.addEventListener("click", () => scrollToBottom());
@@ -849,7 +859,13 @@
     scrollToBottom();
     sendItem(item);
     els.input.value = "";
+    fitComposer();
     els.input.focus();
+  }
+
+  function fitComposer() {
+    els.input.style.height = "auto";
+    if (els.input.value) els.input.style.height = `${els.input.scrollHeight + 2}px`;
   }
 
   function sendItem(item) {
