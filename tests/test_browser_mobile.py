@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, expect
@@ -20,6 +21,7 @@ from tests.test_browser_chat import (
     MESSAGES,
     new_context,
     open_room,
+    screenshot_path,
     send,
 )
 
@@ -81,7 +83,11 @@ def inside_viewport(page: Page, selector: str) -> bool:
 
 
 def test_phone_layout(
-    browser: Browser, page_errors: list[str], daphne: DaphneServer, sqlite_env: dict[str, str]
+    browser: Browser,
+    page_errors: list[str],
+    daphne: DaphneServer,
+    sqlite_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     seed_messages(sqlite_env, "lobby", 5)
     page = open_phone_room(browser, page_errors, daphne)
@@ -94,6 +100,8 @@ def test_phone_layout(
     # The newest message and the composer are on screen.
     assert inside_viewport(page, f"{MESSAGES} li[data-seq='6']")
     assert inside_viewport(page, "[data-testid=composer]")
+
+    page.screenshot(path=screenshot_path(tmp_path, "chat-room-phone.png"))
 
     # The nav fits one line: every item on the same row, the bar one line high.
     tops = page.locator(".topbar nav > *:visible").evaluate_all(
@@ -112,6 +120,7 @@ def test_phone_layout(
     toggle = page.get_by_test_id("members-toggle")
     toggle.click()
     expect(members).to_be_visible()
+    page.screenshot(path=screenshot_path(tmp_path, "chat-room-phone-members.png"))
     expect(toggle).to_have_attribute("aria-expanded", "true")
     assert inside_viewport(page, ".members-panel")
     page.keyboard.press("Escape")

@@ -119,3 +119,16 @@ def test_the_admin_explains_why_a_writer_cannot_be_deleted() -> None:
         403,
     )
     assert User.objects.filter(pk=writer.pk).exists()
+
+
+def test_no_template_has_a_multi_line_short_comment() -> None:
+    # Django's {# … #} is one line only: across lines it is shown on the page as text.
+    roots = [CHAT_DIR / "templates", CHAT_DIR.parent / "notifications/templates"]
+    roots.append(CHAT_DIR.parent / "templates")
+    leaking = [
+        str(path)
+        for root in roots
+        for path in root.rglob("*.html")
+        if any("\n" in c for c in re.findall(r"\{#(.*?)#\}", path.read_text(), flags=re.S))
+    ]
+    assert leaking == []
