@@ -24,15 +24,19 @@ USER_SEARCH = f"user__{get_user_model().USERNAME_FIELD}"
 class MembershipInline(admin.TabularInline):
     model = Membership
     extra = 0
-    raw_id_fields = ["user"]
+    # Picked by username (the user admin's search_fields), not typed as raw ids.
+    autocomplete_fields = ["user"]
+    readonly_fields = ["created_at"]
 
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["slug", "title", "is_private", "last_seq", "created_at"]
+    list_display = ["slug", "title", "is_private", "owner", "last_seq", "created_at"]
     list_filter = ["is_private", "created_at"]
     search_fields = ["slug", "title"]
     prepopulated_fields = {"slug": ["title"]}
+    autocomplete_fields = ["owner"]
+    list_select_related = ["owner"]
     readonly_fields = ["last_seq", "created_at", "online_now"]
     inlines = [MembershipInline]
     actions = ["export_messages_csv", "export_messages_ndjson"]
@@ -88,7 +92,8 @@ class MembershipAdmin(admin.ModelAdmin):
     list_display = ["room", "user", "created_at"]
     list_filter = ["room__is_private", "room"]
     search_fields = ["room__slug", "room__title", USER_SEARCH]
-    raw_id_fields = ["user"]
+    autocomplete_fields = ["room", "user"]
+    readonly_fields = ["created_at"]
     list_select_related = ["room", "user"]
 
 
@@ -150,5 +155,7 @@ class ReadMarkerAdmin(admin.ModelAdmin):
     list_display = ["room", "user", "last_read_seq", "updated_at"]
     list_filter = ["room"]
     search_fields = ["room__slug", USER_SEARCH]
-    raw_id_fields = ["user"]
+    autocomplete_fields = ["room", "user"]
+    # Markers only move forward, through services.mark_read (which relays them to the room).
+    readonly_fields = ["last_read_seq", "updated_at"]
     list_select_related = ["room", "user"]

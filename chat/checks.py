@@ -15,6 +15,7 @@ from realtime_kit.limit_stores import url_problem
 from . import protocol
 from .conf import app_settings
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
+from .rooms_protocol import ROOM_CREATORS_CHOICES
 
 
 @register()
@@ -46,6 +47,11 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_MAX_SOCKETS_PER_USER": app_settings.MAX_SOCKETS_PER_USER,
         "CHAT_ASSISTANT_HEARTBEAT_SECONDS": app_settings.ASSISTANT_HEARTBEAT_SECONDS,
         "CHAT_ASSISTANT_TAKEOVER_SECONDS": app_settings.ASSISTANT_TAKEOVER_SECONDS,
+        "CHAT_ROOM_LIST_POLL_SECONDS": app_settings.ROOM_LIST_POLL_SECONDS,
+        "CHAT_MAX_OWNED_ROOMS": app_settings.MAX_OWNED_ROOMS,
+        "CHAT_SEARCH_PAGE_SIZE": app_settings.SEARCH_PAGE_SIZE,
+        "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,
+        "CHAT_SEARCH_MAX_QUERY_CHARS": app_settings.SEARCH_MAX_QUERY_CHARS,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -117,7 +123,21 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
             )
         )
     errors.extend(_check_limits_store())
+    errors.extend(_check_room_creators())
     return errors
+
+
+def _check_room_creators() -> list[CheckMessage]:
+    value = app_settings.ROOM_CREATORS
+    if value in ROOM_CREATORS_CHOICES:
+        return []
+    return [
+        Error(
+            f"CHAT_ROOM_CREATORS must be one of {', '.join(ROOM_CREATORS_CHOICES)}, got {value!r}.",
+            hint="'authenticated' lets any logged-in user create rooms, 'staff' only staff.",
+            id="chat.E030",
+        )
+    ]
 
 
 def _check_limits_store() -> list[CheckMessage]:

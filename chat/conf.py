@@ -353,5 +353,37 @@ class ChatSettings:
         """Retries of a failed initial request (429, 5xx, connection errors); never mid-stream."""
         return int(self._get("LLM_MAX_RETRIES", 1))
 
+    @property
+    def ROOM_CREATORS(self) -> str:
+        """Who may create rooms in the app: ``"authenticated"`` (any logged-in user) or
+        ``"staff"``. Anything else is a system check error (chat.E030)."""
+        return str(self._get("ROOM_CREATORS", "authenticated"))
+
+    @property
+    def MAX_OWNED_ROOMS(self) -> int:
+        """Rooms one user may own (create in the app); staff have no limit."""
+        return int(self._get("MAX_OWNED_ROOMS", 50))
+
+    @property
+    def ROOM_LIST_POLL_SECONDS(self) -> float:
+        """How often the room list page asks ``GET /chat/api/rooms/`` for unread counts and
+        new rooms, in seconds."""
+        return float(self._get("ROOM_LIST_POLL_SECONDS", 10.0))
+
+    @property
+    def SEARCH_PAGE_SIZE(self) -> int:
+        """Results per page of the search endpoints when the client gives no ``limit``."""
+        return int(self._get("SEARCH_PAGE_SIZE", 20))
+
+    @property
+    def SEARCH_PAGE_MAX(self) -> int:
+        """Largest ``limit`` the search endpoints honour (larger ones are cut)."""
+        return int(self._get("SEARCH_PAGE_MAX", 50))
+
+    @property
+    def SEARCH_MAX_QUERY_CHARS(self) -> int:
+        """Longest search query ``q``, in characters; a longer one is refused (400)."""
+        return int(self._get("SEARCH_MAX_QUERY_CHARS", 200))
+
 
 app_settings = ChatSettings()

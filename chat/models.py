@@ -20,6 +20,16 @@ class Room(models.Model):
     # takes the next one, under the same row lock, so changes are ordered like messages.
     last_update_seq = models.PositiveBigIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Who created the room in the app (chat/rooms.py): they rename it, make it private and
+    # manage its members. Null for rooms made in the admin or a shell, and when the owner
+    # account is deleted (the room stays; staff manage it).
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="owned_chat_rooms",
+    )
 
     class Meta:
         ordering = ["slug"]

@@ -86,9 +86,13 @@ def page_response(room: Room, params: PageParams) -> JsonResponse:
 apage_response = sync_to_async(page_response)
 
 
-def error_response(status: int, code: str, message: str) -> JsonResponse:
-    """``{"error": {"code": ..., "message": ...}}``, the error shape of the chat JSON views."""
-    return JsonResponse({"error": {"code": code, "message": message}}, status=status)
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
+    """``{"error": {"code": ..., "message": ...}}``, the error shape of the chat JSON views
+    (with ``field`` naming the request field that was refused, when there is one)."""
+    error = {"code": code, "message": message}
+    if field is not None:
+        error["field"] = field
+    return JsonResponse({"error": error}, status=status)
 
 
 # What a client is told to wait before retrying a request the database could not serve: a

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.http import require_GET
 
 from realtime_kit.metrics import ametrics_response
 
-from . import protocol, services
+from . import protocol, rooms, services
 from .conf import app_settings
 from .export import RoomSnapshot, export_response, parse_format
 from .models import Room
@@ -29,8 +29,12 @@ from .routing import room_ws_path
 
 @login_required
 def room_list(request: HttpRequest) -> HttpResponse:
-    rooms = services.rooms_with_unread(request.user).order_by("slug")
-    return render(request, "chat/room_list.html", {"rooms": rooms})
+    context = {
+        "rooms": rooms.room_list(request.user),
+        "may_create": rooms.may_create(request.user),
+        "poll_seconds": app_settings.ROOM_LIST_POLL_SECONDS,
+    }
+    return render(request, "chat/room_list.html", context)
 
 
 @login_required
@@ -40,16 +44,19 @@ def room_detail(request: HttpRequest, slug: str) -> HttpResponse:
     except services.RoomNotFound:
         raise Http404("No such room.") from None
     except services.AccessDenied:
-        raise PermissionDenied("This room is private.") from None
-    return render(
-        request,
-        "chat/room.html",
-        {
-            "room": room,
-            "max_text_length": app_settings.MAX_TEXT_LENGTH,
-            "ws_path": room_ws_path(room.slug),
-        },
-    )
+        # A page that says why and whom to ask, rather than a bare 403.
+        private = Room.objects.select_related("owner").get(slug=slug)
+        return render(request, "chat/room_forbidden.html", {"room": private}, status=403)
+    context = {
+        "room": room,
+        "max_text_length": app_settings.MAX_TEXT_LENGTH,
+        "may_manage": rooms.may_manage(request.user, room),
+        "is_member": rooms.is_member(request.user, room),
+        "ws_path": room_ws_path(room.slug),
+        "search_url": reverse("chat:room_search", args=[room.slug]),
+        "api_url": reverse("chat:api_room", args=[room.slug]),
+    }
+    return render(request, "chat/room.html", context)
 
 
 async def _api_room(request: HttpRequest, slug: str) -> Room | HttpResponse:

@@ -294,6 +294,12 @@ class PostgresServer(_Process):
 # --- daphne ----------------------------------------------------------------------------------
 
 
+def asgi_server() -> str:
+    """The server the end-to-end tests run the project on: ``daphne`` (through our runner, the
+    default) or ``uvicorn`` (``TEST_ASGI_SERVER=uvicorn``; CI runs the e2e suite on both)."""
+    return os.environ.get("TEST_ASGI_SERVER", "daphne")
+
+
 class DaphneServer(_Process):
     """``project.asgi:application`` on a loopback port, served by daphne through our runner
     (``python -m realtime_kit.server``, as ``make run`` does), with extra environment and
@@ -329,9 +335,16 @@ class DaphneServer(_Process):
     def start(self) -> DaphneServer:
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", **self.extra_env}
         env["PYTHONUNBUFFERED"] = "1"
-        args = [sys.executable, "-m", RUNNER_MODULE, "-b", "127.0.0.1", "-p", str(self._port)]
-        args += ["--websocket-max-message-size", str(WS_MAX_MESSAGE_BYTES)]
-        args += ["--drain-timeout", str(DRAIN_TIMEOUT_SECONDS), *self.extra_args]
+        if asgi_server() == "uvicorn":
+            args = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port"]
+            args += [str(self._port), "--ws", "websockets", "--ws-max-size"]
+            args += [str(WS_MAX_MESSAGE_BYTES), "--lifespan", "off", "--no-access-log"]
+            args += ["--timeout-graceful-shutdown", str(int(DRAIN_TIMEOUT_SECONDS))]
+        else:
+            args = [sys.executable, "-m", RUNNER_MODULE, "-b", "127.0.0.1"]
+            args += ["-p", str(self._port)]
+            args += ["--websocket-max-message-size", str(WS_MAX_MESSAGE_BYTES)]
+            args += ["--drain-timeout", str(DRAIN_TIMEOUT_SECONDS), *self.extra_args]
         self._spawn([*args, "project.asgi:application"], env=env, cwd=REPO_ROOT)
         _wait_until(self._healthy, self, START_TIMEOUT_SECONDS, "GET /healthz")
         started_daphnes.append(self)

@@ -247,7 +247,8 @@ def test_room_reply_completes_and_a_late_joiner_sees_it_grow(
     server: DaphneServer,
     fake_openai: FakeOpenAI,  # noqa: F811
 ) -> None:
-    tokens = [f"z{i} " for i in range(80)]
+    # ~12 s of reply: carol's login and page load must fit in it on a loaded 2-core machine.
+    tokens = [f"z{i} " for i in range(300)]
     fake_openai.scenario = Scenario(tokens=tokens, delay=0.04)
     alice = logged_in_page(browser, server, "alice", "/chat/lobby/")
     expect(alice.get_by_test_id("conn-state")).to_have_attribute("data-state", "connected")
