@@ -249,3 +249,22 @@ def test_escape_closes_the_bell_on_a_desktop(
     expect(panel).to_be_hidden()
     expect(button).to_have_attribute("aria-expanded", "false")
     expect(button).to_be_focused()
+
+
+def test_escape_closes_the_owner_panel(
+    browser: Browser, page_errors: list[str], daphne: DaphneServer
+) -> None:
+    page = watched_context(browser, page_errors).new_page()
+    page.goto(f"{daphne.base_url}/chat/")
+    submit_login(page, "alice")
+    page.get_by_test_id("new-room-title").fill("Escape Test")
+    page.get_by_test_id("new-room-create").click()
+    expect(page).to_have_url(re.compile(r"/chat/escape-test/$"))
+    page.wait_for_load_state("load")
+    panel = page.get_by_test_id("owner-panel")
+    panel.locator("summary").click()
+    expect(page.get_by_test_id("rename-title")).to_be_visible()
+    page.get_by_test_id("invite-username").focus()
+    page.keyboard.press("Escape")
+    expect(page.get_by_test_id("rename-title")).to_be_hidden()
+    expect(panel.locator("summary")).to_be_focused()
