@@ -34,7 +34,6 @@ def _skip_reason(longrepr: Any) -> str:
     return str(longrepr)
 
 
-@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # On uvicorn, daphne's own behaviour is not there to test: deselected (not skipped, which
     # CI counts as a failure), and said so in the summary.
@@ -47,6 +46,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report: pytest.TestReport = yield
     if report.skipped and _ci() and not hasattr(report, "wasxfail"):

@@ -117,6 +117,7 @@ def test_ready_line() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.daphne_only  # our runner prints it; uvicorn has its own startup line
 def test_the_runner_says_ready_once_it_listens(daphne: DaphneServer) -> None:
     # The fixture returns once /healthz answers: the port listens, and the line is there.
     assert f"ready: serving http://127.0.0.1:{daphne.port}/" in daphne.log_tail()
