@@ -38,8 +38,9 @@ demo: migrate
 # HTTP requests are bounded (headers within 10 s, bodies up to 4 MiB). docs/deployment.md.
 DRAIN_SECONDS ?= 10
 
+# The runner prints "ready: serving http://…" once the port listens (not before).
 run: setup
-	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl-C to stop)"
+	@echo "Starting the server on $(HOST):$(PORT)…"
 	exec $(BIN)/python -m realtime_kit.server -b $(HOST) -p $(PORT) \
 		--websocket-max-message-size $(WS_MAX_BYTES) --drain-timeout $(DRAIN_SECONDS) \
 		project.asgi:application

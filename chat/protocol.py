@@ -166,6 +166,11 @@ def _parse_message(obj: dict[str, Any], limits: Limits) -> SendMessage | FrameEr
         return FrameError(BAD_FRAME, f"client_id is longer than {MAX_CLIENT_ID_LENGTH} characters.")
     if not _storable(client_id):
         return FrameError(BAD_FRAME, "client_id must be valid Unicode text without NUL.")
+    if client_id.startswith(ASSISTANT_CLIENT_ID_PREFIX):
+        return FrameError(
+            BAD_FRAME,
+            f"client_ids starting with {ASSISTANT_CLIENT_ID_PREFIX!r} are the assistant's.",
+        )
     cid = client_id or None
     text = obj.get("text")
     if not isinstance(text, str):
@@ -353,6 +358,13 @@ def user_frame(user: UserLike) -> dict[str, Any]:
     return {"id": user.pk, "username": user.get_username()}
 
 
+# Assistant replies are stored with their stream id as client_id; people may not send one
+# with this prefix, so a stored message with DEMO_REPLY_CLIENT_ID_PREFIX is a reply of the
+# demo backend, and keeps its "demo" mark (a flag in its frame) after a reload.
+ASSISTANT_CLIENT_ID_PREFIX = "asst-"
+DEMO_REPLY_CLIENT_ID_PREFIX = "asst-demo-"
+
+
 def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "message",
@@ -369,6 +381,8 @@ def message_frame(message: MessageLike, room_slug: str, user: UserLike) -> dict[
     status = getattr(message, "status", "")
     if status:
         frame["status"] = status
+    if (message.client_id or "").startswith(DEMO_REPLY_CLIENT_ID_PREFIX):
+        frame["demo"] = True
     # Only messages changed since they were sent carry their change (edited or deleted):
     # the frame then shows the current text, and update_seq says which change that is.
     update_seq = getattr(message, "update_seq", 0)

@@ -128,14 +128,17 @@ def _serialise_inserts() -> None:
 
 
 def _previous_ids(user_ids: Sequence[int]) -> dict[int, int]:
-    """Each existing user's latest notification id (0 if none), in one query."""
+    """Each existing, active user's latest notification id (0 if none), in one query.
+
+    Inactive users get nothing: deactivated people, and bot accounts such as chat's assistant
+    (created inactive: nobody reads its notifications).
+    """
     latest = Notification.objects.filter(recipient=OuterRef("pk")).order_by("-id").values("id")[:1]
-    rows = (
-        get_user_model()
-        .objects.filter(pk__in=user_ids)
-        .annotate(previous_id=Subquery(latest))
-        .values_list("pk", "previous_id")
-    )
+    User = get_user_model()
+    users = User.objects.filter(pk__in=user_ids)
+    if any(f.name == "is_active" for f in User._meta.get_fields()):
+        users = users.filter(is_active=True)
+    rows = users.annotate(previous_id=Subquery(latest)).values_list("pk", "previous_id")
     return {int(pk): int(previous or 0) for pk, previous in rows}
 
 
@@ -144,10 +147,10 @@ def notify(
 ) -> int:
     """Store one notification per recipient and push it to their open streams after commit.
 
-    ``recipients`` is a user, a user id, or an iterable or queryset of them; duplicates and
-    users that do not exist are skipped. Returns the number of notifications stored. Call it at
-    the end of a transaction (or outside one): the insert lock is held until the outermost
-    commit. From async code use ``anotify``.
+    ``recipients`` is a user, a user id, or an iterable or queryset of them; duplicates,
+    inactive users and users that do not exist are skipped. Returns the number of
+    notifications stored. Call it at the end of a transaction (or outside one): the insert
+    lock is held until the outermost commit. From async code use ``anotify``.
     """
     validate(title, body, url, level)
     user_ids = _recipient_ids(recipients)

@@ -137,6 +137,8 @@ class DrainingServer(daphne.server.Server):
     def listen_success(self, port: Any) -> None:
         self.ports.append(port)
         super().listen_success(port)
+        # `make run` says "ready" here, once the socket accepts connections, not before.
+        print(f"ready: {ready_line(port.getHost())}", flush=True)
 
     def listen_error(self, failure: Any) -> None:
         self.listen_failed = True
@@ -329,6 +331,16 @@ class CommandLineInterface(cli.CommandLineInterface):
         )
         self.server_class = functools.partial(DrainingServer, options=options)
         super().run(args)
+
+
+def ready_line(address: Any) -> str:
+    """What the console shows once ``address`` (a Twisted address) listens."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:  # a UNIX socket or a file descriptor
+        return f"listening on {address} (Ctrl-C to stop)"
+    shown = f"[{host}]" if ":" in host else host
+    return f"serving http://{shown}:{port}/ (Ctrl-C to stop)"
 
 
 def main(argv: list[str] | None = None) -> None:

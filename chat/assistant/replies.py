@@ -68,7 +68,9 @@ _REQUEST = re.compile(r"@assistant(?![\w-])", re.IGNORECASE)
 # code point at a time, so the mention is always 10 characters): the rate limit can then
 # decide from these first characters alone.
 REQUEST_PREFIX_CHARS = len(REQUEST_PREFIX) + 1
-STREAM_ID_PREFIX = "asst-"
+STREAM_ID_PREFIX = protocol.ASSISTANT_CLIENT_ID_PREFIX
+# A demo reply's stream id (its stored client_id) says so: its message frame is marked demo.
+DEMO_STREAM_ID_PREFIX = protocol.DEMO_REPLY_CLIENT_ID_PREFIX
 _END = object()
 
 
@@ -206,24 +208,24 @@ async def request_reply(room: Room, user: User, message: Message) -> Reply:
         raise AssistantRefused(
             protocol.UNAVAILABLE, "The server is restarting; ask again in a moment."
         )
+    backend = get_backend()
+    prefix = DEMO_STREAM_ID_PREFIX if backend.is_demo else STREAM_ID_PREFIX
     reply = Reply(
-        stream_id=STREAM_ID_PREFIX + uuid.uuid4().hex,
+        stream_id=prefix + uuid.uuid4().hex,
         room_id=room.pk,
         room_slug=room.slug,
         requester_id=user.pk,
         requested_by=protocol.user_frame(user),
         request_seq=message.seq,
-        demo=False,
+        demo=backend.is_demo,
     )
     reply.lease = await _hold_place(user.pk, reply.stream_id)
     registry.add(reply)
     try:
         await _check_rate(user)
-        backend = get_backend()
     except BaseException:
         registry.discard(reply)
         raise
-    reply.demo = backend.is_demo
     registry.launch(reply, backend)
     return reply
 
@@ -551,14 +553,29 @@ def _load_context(reply: Reply) -> tuple[User, list[ChatMessage]]:
 
 
 def assistant_user() -> User:
-    """The user replies are stored as (``CHAT_ASSISTANT_USERNAME``), created if missing."""
+    """The user replies are stored as (``CHAT_ASSISTANT_USERNAME``), created if missing.
+
+    It is inactive: a bot that nobody logs in as and that receives no notifications (mentions,
+    broadcasts to everyone: ``notifications`` skips inactive users). Its replies are stored
+    with ``check_rate=False``, which skips the active-user check of human senders.
+    """
     model = get_user_model()
     lookup = {model.USERNAME_FIELD: app_settings.ASSISTANT_USERNAME}
+    can_deactivate = any(f.name == "is_active" for f in model._meta.get_fields())
     try:
-        return model.objects.get(**lookup)
+        user = model.objects.get(**lookup)
     except model.DoesNotExist:
         pass
+    else:
+        if can_deactivate and user.is_active:
+            # Made active by an older version: an update, not save(), so that no signal
+            # takes it for a person being locked out.
+            model.objects.filter(pk=user.pk).update(is_active=False)
+            user.is_active = False
+        return user
     user = model(**lookup)
+    if can_deactivate:
+        user.is_active = False
     user.set_unusable_password()  # nobody logs in as the assistant
     try:
         user.save()

@@ -47,10 +47,26 @@ class Command(BaseCommand):
             self.stdout.write(f"Created demo users {', '.join(created_users)}.")
         if room_created:
             self.stdout.write("Created the public room 'lobby'.")
+        # Every run says how to log in: `make run` runs this each time, and a newcomer who
+        # missed the first run's output must not have to guess the password.
+        for line in login_lines(User, logins, password):
+            self.stdout.write(self.style.SUCCESS(line))
         self.stdout.write(
-            self.style.SUCCESS(
-                f"Demo login: {logins[0]} / {password}  or  {logins[1]} / {password}"
-                if created_users
-                else f"Demo users {' and '.join(logins)} exist (their password is unchanged)."
-            )
+            "Admin (/admin/): create a staff account with "
+            "`.venv/bin/python manage.py createsuperuser`."
         )
+
+
+def login_lines(user_model: Any, logins: list[str], password: str) -> list[str]:
+    """How to log in as each demo user: the password, or how to set one if it was changed."""
+    lines = []
+    for login in logins:
+        user = user_model.objects.get(**{user_model.USERNAME_FIELD: login})
+        if user.check_password(password):
+            lines.append(f"Demo login: {login} / {password}")
+        else:
+            lines.append(
+                f"Demo login: {login} (password changed; reset it with "
+                f"`.venv/bin/python manage.py changepassword {login}`)"
+            )
+    return lines

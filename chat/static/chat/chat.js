@@ -29,8 +29,16 @@
  * Debug hook (read-only, for tests and the console): window.chatClient with state, lastSeq,
  * outboxLength, sessions (hellos received), config, reconnectNow() and sendFrame(frame).
  *
+ * Rendering: message text is plain text; render.js (loaded first) turns it into elements
+ * (links, code, bold, italic, mentions) without ever parsing it as HTML. Messages of one
+ * author within 5 minutes are grouped, each day gets a separator, times are relative with the
+ * absolute time in their title, and seq 1 (or an empty room) gets a "start of the room"
+ * marker. Scrolled up, a "new messages" pill counts what arrived below and a button jumps to
+ * the newest. Only new live messages from others are announced to screen readers (a hidden
+ * aria-live region); history and older pages are not.
+ *
  * Events on #chat-room for companion scripts (presence.js): "chat:state" {state},
- * "chat:message" {seq, user, client_id, status, older} after a message is rendered (older:
+ * "chat:message" {seq, user, client_id, status, demo, older} after a message is rendered (older:
  * true for pages of older history), "chat:update" {seq, deleted} after a change is shown,
  * and "chat:frame" (the frame) for
  * frame types this file does not handle (presence, typing, read markers).
@@ -77,6 +85,12 @@
   // How long a "delete" button waits for its confirming second click.
   const CONFIRM_DELETE_MS = 4000;
   const DELETED_TEXT = "message deleted";
+  // Messages of one author closer than this are shown as one group (one name, one time).
+  const GROUP_WINDOW_MS = 5 * 60 * 1000;
+  // Relative times ("3 min ago") are refreshed this often.
+  const CLOCK_TICK_MS = 30000;
+  // Live messages kept in the screen reader announcer (older ones were read out already).
+  const MAX_ANNOUNCED = 5;
   // Frames held back behind a gap; past this many, drop them (the replay brings them again).
   const MAX_HELD_FRAMES = 1000;
   // A visible page whose timers stalled this long was asleep (laptop lid, frozen tab).
@@ -95,7 +109,14 @@
     form: root.querySelector("[data-testid=composer]"),
     input: root.querySelector("[data-testid=text]"),
     send: root.querySelector("[data-testid=send]"),
+    announcer: root.querySelector("[data-testid=announcer]"),
+    newPill: root.querySelector("[data-testid=new-messages]"),
+    jump: root.querySelector("[data-testid=jump-bottom]"),
   };
+  // The raw text of each message element (what the editor starts from); the element shows
+  // it rendered (render.js).
+  const rawTexts = new WeakMap();
+  let unseen = 0; // live messages that arrived below the view while the reader was scrolled up
   const store = outboxStore(`chat:outbox:${config.room}:${config.userId}`);
 
   // --- connection state ---
@@ -117,6 +138,7 @@
   let lastUpdateSeq = 0;
   let synced = false; // lastSeq can be sent as ?after= (false until history has started)
   let baseline = false; // the next message frame opens the history window of a fresh session
+  let historyUpTo = null; // the first hello's last_seq: messages up to it are not news
   const held = new Map(); // seq -> frame that arrived ahead of a gap
   let resumeInFlight = false;
   let resumeFailed = false;
@@ -152,6 +174,20 @@
       renderPending(item, "queued");
     }
     els.form.addEventListener("submit", onSubmit);
+    // Enter sends, Shift+Enter is a new line (the composer is a textarea).
+    els.input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+        ev.preventDefault();
+        els.form.requestSubmit();
+      }
+    });
+    // The composer grows with its lines (up to its CSS max-height, then it scrolls).
+    els.input.addEventListener("input", fitComposer);
+    els.list.addEventListener("scroll", onListScroll);
+    for (const button of [els.newPill, els.jump]) {
+      if (button) button.addEventListener("click", () => scrollToBottom());
+    }
+    setInterval(refreshTimes, CLOCK_TICK_MS);
     window.addEventListener("online", () => {
       attempt = 0;
       wake();
@@ -415,6 +451,7 @@
     setState("connected");
     hideNotice("connection");
     const serverLast = Number(hello.last_seq) || 0;
+    if (historyUpTo === null) historyUpTo = serverLast;
     // Fewer changes than we saw: the server's database was reset (like last_seq below).
     const serverUpdates = Number(hello.last_update_seq) || 0;
     if (serverUpdates < lastUpdateSeq) lastUpdateSeq = serverUpdates;
@@ -425,14 +462,19 @@
       // show their current text, so no change up to the room's last one is news.
       lastUpdateSeq = Math.max(lastUpdateSeq, Number(hello.last_update_seq) || 0);
       if (serverLast > 0) baseline = true;
-      else synced = true;
+      else {
+        synced = true;
+        markRoomStart(); // an empty room: everything it will hold is below
+      }
     }
     flushOutbox();
   }
 
   // The server forgot messages we showed (its database was reset): start over from its view.
   function reloadHistory(serverLast) {
-    for (const li of els.list.querySelectorAll("li[data-seq]")) li.remove();
+    for (const li of els.list.querySelectorAll("li[data-seq], li.day-separator, li.room-start")) {
+      li.remove();
+    }
     lastSeq = Math.max(0, serverLast - config.historyLimit);
     showNotice("The server's history was reset; messages were reloaded.", "info");
     if (serverLast > lastSeq) requestResume();
@@ -461,18 +503,25 @@
 
   function renderConfirmed(msg) {
     const stick = isScrolledToBottom();
+    // Up to the first hello's last_seq it is the history the page opened with; later ones
+    // (live, or missed while reconnecting) are news worth announcing and counting as unseen.
+    const live = historyUpTo !== null && msg.seq > historyUpTo;
     const li = confirmedElement(msg);
     // Confirmed messages stay above the unconfirmed ones (pending, failed) at the bottom.
     els.list.insertBefore(li, els.list.querySelector("li[data-client-id]"));
+    placed(li);
     lastSeq = msg.seq;
     settleOwn(msg);
     if (stick) scrollToBottom();
+    else if (live && !isMine(msg)) noteUnseen();
+    if (live && !isMine(msg)) announce(msg);
     // client_id and status let room_assistant.js swap a live reply for its stored message.
     emit("chat:message", {
       seq: msg.seq,
       user: msg.user,
       client_id: msg.client_id,
       status: msg.status || "",
+      demo: msg.demo === true,
     });
   }
 
@@ -488,13 +537,16 @@
     for (const msg of frames) {
       if (!Number.isInteger(msg.seq) || msg.seq >= oldest) continue;
       if (list.querySelector(`li[data-seq="${msg.seq}"]`)) continue;
-      list.insertBefore(confirmedElement(msg), anchor);
+      const li = confirmedElement(msg);
+      list.insertBefore(li, anchor);
+      placed(li);
       added += 1;
       emit("chat:message", {
         seq: msg.seq,
         user: msg.user,
         client_id: msg.client_id,
         status: msg.status || "",
+        demo: msg.demo === true,
         older: true,
       });
     }
@@ -547,10 +599,11 @@
       stopEditing(li);
       li.classList.add("deleted");
       body.textContent = DELETED_TEXT;
+      rawTexts.set(li, "");
       const controls = li.querySelector(".controls");
       if (controls) controls.remove();
     } else {
-      body.textContent = change.text;
+      setText(li, change.text);
     }
     let mark = li.querySelector(".edited");
     if (!mark && !change.deleted && change.edited_at) {
@@ -603,7 +656,7 @@
     form.className = "editor";
     const input = document.createElement("textarea");
     input.className = "edit-text";
-    input.value = body.textContent;
+    input.value = rawTexts.get(li) || "";
     input.rows = Math.min(6, input.value.split("\n").length);
     input.setAttribute("aria-label", "Edit message");
     const save = document.createElement("button");
@@ -634,8 +687,7 @@
   }
 
   function submitEdit(li, text) {
-    const body = li.querySelector(".text");
-    if (text === body.textContent) {
+    if (text === rawTexts.get(li)) {
       stopEditing(li);
       return;
     }
@@ -669,7 +721,15 @@
     if (!msg.client_id || !isMine(msg)) return;
     forget(msg.client_id);
     const li = pendingElement(msg.client_id);
-    if (li) li.remove();
+    if (li) removeMessage(li);
+  }
+
+  function removeMessage(li) {
+    const next = nextMessage(li);
+    const before = li.previousElementSibling;
+    li.remove();
+    if (before && before.classList.contains("day-separator") && !next) before.remove();
+    if (next) decorate(next);
   }
 
   function isMine(msg) {
@@ -744,7 +804,7 @@
     if (!li) return;
     if (Number.isInteger(ack.seq) && ack.seq <= lastSeq) {
       // Stored long ago (a resend after its first ack was lost), older than what is shown.
-      li.remove();
+      removeMessage(li);
       return;
     }
     setStatus(li, "sent");
@@ -799,7 +859,13 @@
     scrollToBottom();
     sendItem(item);
     els.input.value = "";
+    fitComposer();
     els.input.focus();
+  }
+
+  function fitComposer() {
+    els.input.style.height = "auto";
+    if (els.input.value) els.input.style.height = `${els.input.scrollHeight + 2}px`;
   }
 
   function sendItem(item) {
@@ -877,9 +943,11 @@
 
   // ------------------------------------------------------------------ rendering
 
-  // User data only ever goes through textContent.
+  // User data only ever reaches the page as text nodes (render.js builds the elements).
   function messageElement(author, text, createdAt) {
     const li = document.createElement("li");
+    li.className = "msg";
+    li.dataset.author = author || "";
     const meta = document.createElement("div");
     meta.className = "meta";
     const who = document.createElement("span");
@@ -888,17 +956,115 @@
     meta.append(who);
     const when = new Date(createdAt);
     if (!Number.isNaN(when.getTime())) {
+      li.dataset.createdAt = when.toISOString();
       const time = document.createElement("time");
       time.dateTime = when.toISOString();
-      time.title = when.toLocaleString();
-      time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      time.title = when.toLocaleString([], { dateStyle: "full", timeStyle: "short" });
+      time.textContent = relativeTime(when);
       meta.append(time);
     }
     const body = document.createElement("div");
     body.className = "text";
-    body.textContent = text;
     li.append(meta, body);
+    setText(li, text);
     return li;
+  }
+
+  function setText(li, text) {
+    rawTexts.set(li, text);
+    li.querySelector(".text").replaceChildren(window.chatRender.renderText(text, config.username));
+  }
+
+  // "just now", "12 min ago", then the time of day (the day separator above says which day).
+  function relativeTime(when) {
+    const minutes = Math.floor((Date.now() - when.getTime()) / 60000);
+    if (minutes < 1) return "just now";
+    if (minutes < 60) return `${minutes} min ago`;
+    return when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function refreshTimes() {
+    for (const time of els.list.querySelectorAll("li.msg time")) {
+      time.textContent = relativeTime(new Date(time.dateTime));
+    }
+  }
+
+  // The local calendar day a message was sent on.
+  function dayKey(li) {
+    return new Date(li.dataset.createdAt || Date.now()).toDateString();
+  }
+
+  function dayLabel(li) {
+    const when = new Date(li.dataset.createdAt || Date.now());
+    const today = new Date();
+    const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+    if (when.toDateString() === today.toDateString()) return "Today";
+    if (when.toDateString() === yesterday.toDateString()) return "Yesterday";
+    const style = { weekday: "long", year: "numeric", month: "long", day: "numeric" };
+    return when.toLocaleDateString([], style);
+  }
+
+  function prevMessage(li) {
+    let el = li.previousElementSibling;
+    while (el && !el.classList.contains("msg")) el = el.previousElementSibling;
+    return el;
+  }
+
+  function nextMessage(li) {
+    let el = li.nextElementSibling;
+    while (el && !el.classList.contains("msg")) el = el.nextElementSibling;
+    return el;
+  }
+
+  // A message was inserted (or its neighbour left): fix its day separator and grouping, and
+  // those of the message after it, which now follows a different one.
+  function placed(li) {
+    decorate(li);
+    const next = nextMessage(li);
+    if (next) decorate(next);
+    if (li.dataset.seq === "1") markRoomStart();
+  }
+
+  function decorate(li) {
+    const before = li.previousElementSibling;
+    if (before && before.classList.contains("day-separator")) before.remove();
+    const prev = prevMessage(li);
+    const sameDay = prev && dayKey(prev) === dayKey(li);
+    if (!sameDay) {
+      const sep = document.createElement("li");
+      sep.className = "day-separator";
+      sep.dataset.testid = "day-separator";
+      sep.setAttribute("role", "separator");
+      sep.textContent = dayLabel(li);
+      li.before(sep);
+    }
+    const gap = prev ? Date.parse(li.dataset.createdAt) - Date.parse(prev.dataset.createdAt) : NaN;
+    const grouped =
+      Boolean(sameDay) && prev.dataset.author === li.dataset.author && gap >= 0 && gap < GROUP_WINDOW_MS;
+    li.classList.toggle("grouped", grouped);
+  }
+
+  // The oldest message (seq 1) is on screen, or the room is empty: nothing is older.
+  function markRoomStart() {
+    if (els.list.querySelector(".room-start")) return;
+    const marker = document.createElement("li");
+    marker.className = "room-start";
+    marker.dataset.testid = "room-start";
+    marker.textContent = "This is the start of the room.";
+    const older = els.list.querySelector("li.load-older");
+    if (older) older.after(marker);
+    else els.list.prepend(marker);
+  }
+
+  // Screen readers hear new live messages only (not history or older pages): the list itself
+  // is not a live region, this visually hidden one is.
+  function announce(msg) {
+    if (!els.announcer) return;
+    const line = document.createElement("p");
+    const who = (msg.user && msg.user.username) || "someone";
+    line.textContent = `${who}: ${msg.text}`;
+    els.announcer.append(line);
+    while (els.announcer.childElementCount > MAX_ANNOUNCED) els.announcer.firstElementChild.remove();
   }
 
   function renderPending(item, status) {
@@ -910,6 +1076,7 @@
     li.querySelector(".meta").append(label);
     setStatus(li, status);
     els.list.append(li);
+    placed(li);
   }
 
   function pendingElement(cid) {
@@ -936,7 +1103,7 @@
     dismiss.type = "button";
     dismiss.className = "link dismiss";
     dismiss.textContent = "dismiss";
-    dismiss.addEventListener("click", () => li.remove());
+    dismiss.addEventListener("click", () => removeMessage(li));
     li.querySelector(".meta").append(dismiss);
   }
 
@@ -947,6 +1114,23 @@
 
   function scrollToBottom() {
     els.list.scrollTop = els.list.scrollHeight;
+    onListScroll();
+  }
+
+  // Scrolled up: a jump-to-bottom button, and a pill counting messages that arrived below.
+  function onListScroll() {
+    const atBottom = isScrolledToBottom();
+    if (atBottom) unseen = 0;
+    if (els.jump) els.jump.hidden = atBottom;
+    if (els.newPill) {
+      els.newPill.hidden = unseen === 0;
+      els.newPill.textContent = unseen === 1 ? "1 new message" : `${unseen} new messages`;
+    }
+  }
+
+  function noteUnseen() {
+    unseen += 1;
+    onListScroll();
   }
 
   // kind: "fatal" (stays), "connection" (hidden on the next hello), "info" (fades).

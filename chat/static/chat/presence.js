@@ -28,6 +28,7 @@
     seen: root.querySelector("[data-testid=seen-by]"),
     input: root.querySelector("[data-testid=text]"),
     form: root.querySelector("[data-testid=composer]"),
+    toggle: root.querySelector("[data-testid=members-toggle]"),
   };
 
   const online = new Map(); // user id -> {username, connections}
@@ -50,6 +51,23 @@
   els.input.addEventListener("blur", () => stopTyping());
   document.addEventListener("visibilitychange", scheduleRead);
   window.addEventListener("focus", scheduleRead);
+  // On a phone the members panel opens over the messages; Escape (or the button) closes it.
+  if (els.toggle) els.toggle.addEventListener("click", () => showMembers(!membersOpen()));
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape" && membersOpen()) {
+      showMembers(false);
+      els.toggle.focus();
+    }
+  });
+
+  function membersOpen() {
+    return root.classList.contains("members-open");
+  }
+
+  function showMembers(open) {
+    root.classList.toggle("members-open", open);
+    if (els.toggle) els.toggle.setAttribute("aria-expanded", String(open));
+  }
 
   function send(frame) {
     return Boolean(window.chatClient && window.chatClient.sendFrame(frame));

@@ -11,8 +11,8 @@
  *   assistant.end    status done / stopped / error / interrupted (the server restarted mid-reply;
  *                    the partial text is stored); a reply that stored nothing shows its error
  *
- * The requester and staff get a Stop button (sends assistant.stop). Text is always rendered
- * with textContent, never as HTML.
+ * The requester and staff get a Stop button (sends assistant.stop). Text is rendered by
+ * render.js (text nodes in elements it creates), never as HTML.
  *
  * Debug hook (read-only, for tests and the console): window.roomAssistant.live (ids of
  * replies growing on screen).
@@ -29,6 +29,7 @@
   const root = document.getElementById("chat-room");
   if (!root) return;
   const me = String(root.dataset.userId);
+  const myName = root.dataset.username || "";
   const isStaff = root.dataset.isStaff === "true";
   const list = root.querySelector("[data-testid=messages]");
   const streams = new Map(); // stream_id -> {li, textEl, text, next, ended}
@@ -68,8 +69,14 @@
     if (frame.next_index >= s.next) {
       s.text = frame.text || "";
       s.next = frame.next_index;
-      s.textEl.textContent = s.text;
+      showText(s);
     }
+  }
+
+  // Rendered like stored messages (render.js: never as HTML), so nothing jumps on the swap.
+  function showText(s) {
+    if (window.chatRender) s.textEl.replaceChildren(window.chatRender.renderText(s.text, myName));
+    else s.textEl.textContent = s.text;
   }
 
   function onDelta(frame) {
@@ -80,7 +87,7 @@
     const stick = isScrolledToBottom();
     s.text += frame.content;
     s.next = frame.index + 1;
-    s.textEl.textContent = s.text;
+    showText(s);
     if (stick) list.scrollTop = list.scrollHeight;
   }
 
@@ -111,6 +118,11 @@
   // Every rendered message: the stored reply replaces its bubble; stopped/failed get a label.
   function onMessage(detail) {
     if (detail.client_id && streams.has(detail.client_id)) removeBubble(detail.client_id);
+    // A stored reply of the demo backend keeps the bubble's "demo" mark (after reloads too).
+    if (detail.demo) {
+      const li = list.querySelector(`li[data-seq="${detail.seq}"]`);
+      if (li && !li.querySelector(".meta .demo")) li.querySelector(".author").after(demoTag());
+    }
     if (detail.status) {
       const li = list.querySelector(`li[data-seq="${detail.seq}"]`);
       if (li && !li.dataset.status) {
@@ -134,13 +146,7 @@
     who.className = "author";
     who.textContent = (frame.user && frame.user.username) || "assistant";
     meta.append(who);
-    if (frame.demo) {
-      const tag = document.createElement("span");
-      tag.className = "tag demo";
-      tag.textContent = "demo";
-      tag.title = "No model is configured: this is the offline demo backend.";
-      meta.append(tag);
-    }
+    if (frame.demo) meta.append(demoTag());
     const asker = frame.requested_by;
     if (asker) {
       const note = document.createElement("span");
@@ -156,6 +162,15 @@
     list.append(li);
     if (stick) list.scrollTop = list.scrollHeight;
     return { li, textEl: body, text: "", next: 0, ended: false };
+  }
+
+  function demoTag() {
+    const tag = document.createElement("span");
+    tag.className = "tag demo";
+    tag.dataset.testid = "demo-label";
+    tag.textContent = "demo";
+    tag.title = "No model is configured: this is the offline demo backend.";
+    return tag;
   }
 
   function stopButton(streamId) {

@@ -230,6 +230,13 @@
     panel.addEventListener("toggle", () => {
       if (panel.open) loadMembers();
     });
+    // Escape closes the panel (like the members list and the bell) and returns to its summary.
+    panel.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && panel.open) {
+        panel.open = false;
+        panel.querySelector("summary").focus();
+      }
+    });
 
     const rename = panel.querySelector("[data-testid=rename-form]");
     rename.addEventListener("submit", async (event) => {

@@ -385,6 +385,14 @@
       button.setAttribute("aria-expanded", "false");
     }
   });
+  // Escape closes the panel and gives the focus back to the bell.
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !panel.hidden) {
+      panel.hidden = true;
+      button.setAttribute("aria-expanded", "false");
+      button.focus();
+    }
+  });
   readAll.addEventListener("click", () => {
     postJson(root.dataset.readAllUrl)
       .then((data) => data && applyUnread(data))
