@@ -54,9 +54,13 @@ format: setup-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The whole suite on daphne (through our runner), then the end-to-end tests again on uvicorn:
+# the apps must work unchanged on both (tests marked daphne_only test daphne's own behaviour).
 test: setup-dev lint
 	$(BIN)/python manage.py check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	TEST_ASGI_SERVER=uvicorn $(BIN)/python -m pytest -m e2e \
+		--ignore=tests/test_host_matrix.py --ignore=tests/test_packaging.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) db.sqlite3* test.sqlite3* staticfiles .pytest_cache .mypy_cache .ruff_cache

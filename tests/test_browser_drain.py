@@ -22,7 +22,8 @@ from tests.fake_openai import FakeOpenAI, Scenario, fake_openai, fake_openai_ser
 from tests.servers import DaphneServer
 from tests.test_e2e_assistant_room import room_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+# The drain is our runner's (realtime_kit.server, over daphne).
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.daphne_only]
 
 DRAIN_SECONDS = 5.0
 EXIT_BOUND_SECONDS = DRAIN_SECONDS + 5.0

@@ -176,9 +176,12 @@ async def test_joining_or_reloading_mid_reply_shows_text_so_far_then_the_rest(
     fake_openai: FakeOpenAI,  # noqa: F811
 ) -> None:
     server, _ = single
-    tokens = [f"t{i} " for i in range(60)]
+    # ~6 s of reply, and both logins before it starts: the joins must land mid-reply even on
+    # a loaded 2-core machine (a login hashes a password).
+    tokens = [f"t{i} " for i in range(200)]
     fake_openai.scenario = Scenario(tokens=tokens, delay=0.03)
     alice_cookie = await login(server.base_url, "alice")
+    carol_cookie = await login(server.base_url, "carol")
     alice = await Member.open(server, alice_cookie)
     sid = await alice.ask()
     for _ in range(5):
@@ -187,7 +190,7 @@ async def test_joining_or_reloading_mid_reply_shows_text_so_far_then_the_rest(
     last = max(f["seq"] for f in alice.log if f["type"] == "message")
     await alice.close()
     reloaded = await Member.open(server, alice_cookie, query=f"?after={last}")
-    carol = await Member.open(server, await login(server.base_url, "carol"))
+    carol = await Member.open(server, carol_cookie)
     for member in (reloaded, carol):
         snapshot = await member.frame("assistant.start", stream_id=sid)
         assert snapshot["text"] and "".join(tokens).startswith(snapshot["text"])

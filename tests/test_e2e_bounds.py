@@ -88,6 +88,11 @@ async def test_a_client_offline_for_a_long_time_catches_up(daphne: DaphneServer)
     await bob.close()
 
 
+# Daphne only, for now: on uvicorn (chat.delivery.writers.AsgiWriter) this fails today. The
+# socket passes its bound, but its 4008 close waits behind the data the client never reads,
+# and nothing aborts the connection the way autobahn's close-handshake timeout does on daphne
+# (a known gap, docs/deployment.md).
+@pytest.mark.daphne_only
 async def test_a_socket_that_never_reads_is_closed_and_others_keep_going(
     daphne: DaphneServer,
 ) -> None:

@@ -42,7 +42,9 @@ from tests.servers import (
 )
 from tests.test_e2e_assistant_room import Member, assemble, room_env, stored_rows
 
-pytestmark = [pytest.mark.e2e]
+# The drain and the HTTP bounds are our runner's (realtime_kit.server, over daphne); uvicorn
+# has its own graceful shutdown and limits.
+pytestmark = [pytest.mark.e2e, pytest.mark.daphne_only]
 
 DRAIN_SECONDS = 5.0
 DRAIN_ARGS = ["--drain-timeout", str(DRAIN_SECONDS)]
