@@ -6,7 +6,7 @@ known frequency, then times one page of ``chat.search.search_page`` (newest firs
 every room the user may read: ``GET /chat/search/?q=``) in a Django process:
 
 - ``fts``: as shipped on PostgreSQL (``to_tsvector('simple', text) @@ websearch_to_tsquery``,
-  the GIN index of migration 0007);
+  the GIN index of migration 0008);
 - ``fts, pk order``: the same match as one ORM query ordered by id with a LIMIT, the plan
   PostgreSQL picks by itself (it walks the primary key backwards, testing every message);
 - ``substring``: the baseline, ``text ILIKE '%q%'`` with no index (what SQLite always does;

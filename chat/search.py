@@ -21,7 +21,7 @@ from .models import Message, Room
 
 # Text search configuration of the index and of every query: "simple" lowercases words and
 # stems nothing, so it works alike for every language a room may speak. The query must use
-# the very expression of the index (migration 0007) for PostgreSQL to use it.
+# the very expression of the index (migration 0008) for PostgreSQL to use it.
 FTS_CONFIG = "simple"
 FTS_INDEX = "chat_message_text_fts"
 _FTS_MATCH = (
