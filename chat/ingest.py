@@ -25,13 +25,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.layers import get_channel_layer
-
 from realtime_kit.loops import PerLoop, per_loop
 from realtime_kit.metrics import metrics
 
+from . import services
 from .conf import app_settings
-from .delivery.hub import room_group
 from .services import PostRequest, PostResult, apost_messages
 
 logger = logging.getLogger(__name__)
@@ -96,13 +94,9 @@ async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> 
 
 
 async def _broadcast(room_id: int, events: list[dict[str, Any]]) -> None:
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    group = room_group(room_id)
     for event in events:
         try:
-            await layer.group_send(group, event)
+            await services.abroadcast(room_id, event)
         except Exception:
             # Stored and acked regardless (like a failed on_commit broadcast): the room's
             # sockets find the message by seq (gap fill, pong last_seq, resume).

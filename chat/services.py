@@ -268,7 +268,7 @@ def post_messages(
             if broadcasts is None:
                 transaction.on_commit(partial(broadcast, room.pk, event), robust=True)
             else:
-                broadcasts.append({**event, "room_id": room.pk})
+                broadcasts.append(event)  # abroadcast adds the room
             if mentions.wanted(message.text, request.user):
                 transaction.on_commit(partial(mentions.notify, message), robust=True)
     return [o for o in outcomes if o is not None]
