@@ -478,8 +478,13 @@ async def _finish(
 
 
 async def _broadcast(reply: Reply, frame: dict[str, Any]) -> None:
+    await broadcast_frame(reply.room_id, frame)
+
+
+async def broadcast_frame(room_id: int, frame: dict[str, Any]) -> None:
+    """Send an assistant frame to every socket of the room, encoded once."""
     event = {"type": protocol.EVENT_ASSISTANT, "text": protocol.encode(frame)}
-    await services.abroadcast(reply.room_id, event)
+    await services.abroadcast(room_id, event)
 
 
 async def _answer(reply: Reply, layer: Any, event: dict[str, Any], frame: dict[str, Any]) -> None:

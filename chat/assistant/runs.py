@@ -35,7 +35,7 @@ from django.utils import timezone
 from realtime_kit import drain
 from realtime_kit.loops import per_loop
 
-from .. import protocol, services
+from .. import services
 from ..conf import app_settings
 from ..models import AssistantRun
 from . import protocol as ap
@@ -143,6 +143,9 @@ astore_orphan = database_sync_to_async(store_orphan)
 
 async def sweep() -> int:
     """End the runs of dead processes once; how many were ended."""
+    # Imported here: replies imports this module.
+    from .replies import broadcast_frame
+
     ended = 0
     for orphan in await aclaim_stale():
         seq = await astore_orphan(orphan)
@@ -152,9 +155,7 @@ async def sweep() -> int:
             orphan.room_id,
             seq,
         )
-        frame = ap.end_frame(orphan.stream_id, ap.INTERRUPTED, seq)
-        event = {"type": protocol.EVENT_ASSISTANT, "text": protocol.encode(frame)}
-        await services.abroadcast(orphan.room_id, event)
+        await broadcast_frame(orphan.room_id, ap.end_frame(orphan.stream_id, ap.INTERRUPTED, seq))
         ended += 1
     return ended
 
