@@ -148,6 +148,35 @@ class Server(servers._Process):
         servers._wait_until(self._healthy, self, servers.START_TIMEOUT_SECONDS, "GET /healthz")
         return self
 
+    def profile(self) -> None:
+        """With ``BENCH_PROFILE=DIR``, py-spy records the server from now until it stops
+        (collapsed stacks per server in DIR, for flame graph tools or grep). A script calls
+        this where its measurement starts. py-spy is not a requirement: ``pip install py-spy``.
+        """
+        folder = os.environ.get("BENCH_PROFILE")
+        if not folder:
+            return
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        out = Path(folder) / f"{self.app.rsplit('.', 1)[0].replace('.', '-')}-{self.port}.txt"
+        py_spy = Path(sys.executable).with_name("py-spy")
+        subprocess.Popen(
+            [
+                str(py_spy),
+                "record",
+                "--nonblocking",
+                "-f",
+                "raw",
+                "-r",
+                "200",
+                "-o",
+                str(out),
+                "-p",
+                str(self.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     def stop(self) -> None:
         # No graceful shutdown: benchmarks do not measure it, and a busy daphne can take the
         # whole SIGTERM grace period (or segfault with SSE streams open, REALTIME_NOTES.md).

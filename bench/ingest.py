@@ -125,6 +125,7 @@ async def one_run(
         await skip_greeting(ws)
     per_sender = args.messages // args.senders
     total = per_sender * args.senders
+    server.profile()
     cpu_before, client_before = server.cpu_seconds(), time.process_time()
     start = time.perf_counter()
     reading = asyncio.ensure_future(reader(read_ws, total))
@@ -162,6 +163,8 @@ async def run_db(
     usernames = [f"ingest{i}" for i in range(ACCOUNTS)]
     runs = []
     for variant, batch in VARIANTS:
+        if variant not in args.variants.split(","):
+            continue
         # A fresh database per variant: both start from the same empty room.
         run_env = {**env, "CHAT_GROUP_COMMIT_MAX_MESSAGES": batch}
         run_env["CHAT_METRICS_TOKEN"] = METRICS_TOKEN
@@ -199,6 +202,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     postgres.cleanup()
     print()
     for db in args.dbs.split(","):
+        if len({r.variant for r in runs if r.db == db}) < len(VARIANTS):
+            continue  # a variant was left out: no ratio
         group, single = (
             next(r for r in runs if r.db == db and r.variant == v) for v, _ in VARIANTS
         )
@@ -214,6 +219,11 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=100)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=1, help="messages in flight per sender")
+    parser.add_argument(
+        "--variants",
+        default=",".join(v for v, _ in VARIANTS),
+        help="comma-separated subset (no ratio unless both run)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 
