@@ -14,6 +14,7 @@ from realtime_kit.limit_stores import url_problem
 
 from . import protocol
 from .conf import app_settings
+from .delivery.hub import MAX_UNMATCHED_ACKS
 from .llm import checks as _assistant_checks  # noqa: F401  (registers them)
 from .rooms_protocol import ROOM_CREATORS_CHOICES
 
@@ -43,6 +44,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_RATE_LIMIT_WINDOW_SECONDS": app_settings.RATE_LIMIT_WINDOW_SECONDS,
         "CHAT_REPLAY_BATCH_SIZE": app_settings.REPLAY_BATCH_SIZE,
         "CHAT_GROUP_COMMIT_MAX_MESSAGES": app_settings.GROUP_COMMIT_MAX_MESSAGES,
+        "CHAT_MAX_PENDING_SENDS": app_settings.MAX_PENDING_SENDS,
         "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
         "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
         "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,
@@ -86,6 +88,16 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 hint="Otherwise a reply whose process is alive but slowed down (a database "
                 "hiccup) is taken over and ended as interrupted while it still runs.",
                 id="chat.E020",
+            )
+        )
+    if app_settings.MAX_PENDING_SENDS > MAX_UNMATCHED_ACKS:
+        errors.append(
+            Warning(
+                f"CHAT_MAX_PENDING_SENDS is above {MAX_UNMATCHED_ACKS}, the acks the room hub "
+                "keeps per socket until their messages arrive.",
+                hint="A socket with more sends in flight gets some of its own messages up to "
+                "1 s late (the hub waits for an ack it already forgot). Lower it.",
+                id="chat.W004",
             )
         )
     if not getattr(settings, "CHANNEL_LAYERS", None):

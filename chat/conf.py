@@ -134,6 +134,12 @@ class ChatSettings:
         return int(self._get("GROUP_COMMIT_MAX_MESSAGES", 100))
 
     @property
+    def MAX_PENDING_SENDS(self) -> int:
+        """Most sends of one socket in flight (stored or being stored, not answered yet); at
+        it the socket's next frame waits for the oldest (chat/consumers.py)."""
+        return int(self._get("MAX_PENDING_SENDS", 20))
+
+    @property
     def EDIT_RATE_LIMIT(self) -> int:
         """Edits and deletes a user may make (all rooms and tabs together) per edit window."""
         return int(self._get("EDIT_RATE_LIMIT", 10))

@@ -15,7 +15,13 @@ Bounds, per socket (docs/protocol.md "Limits"):
   afresh once the socket recovers), and past the whole of it the socket closes with 4008;
 - inbound: past ``CHAT_MAX_INBOUND_BYTES`` waiting, the server stops reading the client
   (``inbound``); obvious floods are refused by a per-process window before any transaction;
-- every server message is packed within ``CHAT_MAX_SEND_BYTES``.
+- every server message is packed within ``CHAT_MAX_SEND_BYTES``;
+- sends are pipelined: up to ``CHAT_MAX_PENDING_SENDS`` of a socket's sends are in flight
+  (``_pending``), so a client that does not wait for acks gets them into the same group commit
+  (``chat.ingest``). They are submitted in the order received and answered in that order (each
+  answer awaits the previous one); at the bound the socket reads no further frame until the
+  oldest is answered, and any other frame first waits until all are (``_settle``), so every
+  answer keeps the order of the client's frames.
 
 Cleanup runs in ``__call__``'s ``finally``: also when daphne cancels the application without
 a ``disconnect`` (its close timeout, a crash mid-resume), so no presence entry outlives it.
@@ -24,6 +30,7 @@ a ``disconnect`` (its close timeout, a crash mid-resume), so no presence entry o
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -86,6 +93,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.conn_id = uuid.uuid4().hex
         self._background: set[asyncio.Task[None]] = set()
         self._ended = False
+        # This socket's sends in flight, oldest first: each task answers one send, after the
+        # one before it (so in order), and leaves the deque once done.
+        self._pending: collections.deque[asyncio.Task[None]] = collections.deque()
+        self.max_pending_sends = app_settings.MAX_PENDING_SENDS
 
     # --- the ASGI application ------------------------------------------------------------
 
@@ -321,6 +332,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.socket_lease.release_soon()
         if self.read_timer is not None:
             self.read_timer.cancel()
+        await self._drop_pending()
         try:
             if self.pending_read is not None:
                 await self._flush_read()
@@ -355,6 +367,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             pass  # the socket's own format
         else:
             wanted = "MessagePack in binary" if self.msgpack else "JSON in text"
+            await self._settle()
             self._error(protocol.BAD_FRAME, f"Send {wanted} messages on this socket.")
             return
         limits = protocol.Limits(
@@ -369,6 +382,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             else:
                 frames = protocol.parse_client_text(text_data or "", limits)
         except protocol.ProtocolError as exc:
+            await self._settle()
             self._error(exc.code, exc.message)
             return
         for frame in _one_resume(frames):
@@ -377,6 +391,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._handle(frame)
 
     async def _handle(self, frame: protocol.ClientFrame | protocol.FrameError) -> None:
+        if isinstance(frame, protocol.SendMessage):
+            await self._handle_message(frame)
+            return
+        # Every other frame (and every refusal) is handled once the sends before it are
+        # answered: its answer, and what it changes, come after theirs (docs/protocol.md).
+        await self._settle()
+        if self.closing:
+            return
         if isinstance(frame, protocol.FrameError):
             self._error(frame.code, frame.message, frame.client_id, frame.seq)
         elif isinstance(frame, protocol.SendMessage):
@@ -397,18 +419,91 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
 
     async def _handle_message(self, frame: protocol.SendMessage) -> None:
-        cid = frame.client_id or None
         window = self._hub.send_window
         if window.full(self.user_id, time.monotonic(), frame.client_id):
             # Refused without a transaction: this process alone stored the limit already.
-            self._rate_limited(cid)
+            await self._settle()
+            if not self.closing:
+                self._rate_limited(frame.client_id or None)
+            return
+        # The bound: the client's next frames wait (in daphne's inbound buffer, then in its
+        # TCP window) until the oldest send is answered.
+        while len(self._pending) >= self.max_pending_sends:
+            await asyncio.wait([self._pending[0]])
+        if self.closing:
             return
         started = time.perf_counter()
+        request = services.PostRequest(self.user, frame.text, frame.client_id, origin=self.conn_id)
+        # Queued now, so this socket's sends take seqs in the order it sent them.
+        stored = ingest.submit(self.room.pk, request)
+        previous = self._pending[-1] if self._pending else None
+        task = asyncio.ensure_future(self._answer_send(frame, stored, started, previous))
+        self._pending.append(task)
+        task.add_done_callback(self._send_answered)
+
+    def _send_answered(self, task: asyncio.Task[None]) -> None:
+        # Tasks end in order (each awaits the one before), so this is the oldest.
+        if self._pending and self._pending[0] is task:
+            self._pending.popleft()
+        else:
+            try:
+                self._pending.remove(task)
+            except ValueError:
+                pass
+
+    async def _settle(self) -> None:
+        """Wait until every send of this socket so far is answered."""
+        if self._pending:
+            await asyncio.wait([self._pending[-1]])
+
+    async def _drop_pending(self) -> None:
+        """The socket ends: its sends are stored anyway (``chat.ingest``), unanswered."""
+        tasks = list(self._pending)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # asyncio.wait, not gather: it does not raise the tasks' cancellations here.
+            await asyncio.wait(tasks)
+
+    async def _answer_send(
+        self,
+        frame: protocol.SendMessage,
+        stored: asyncio.Future[services.PostResult],
+        started: float,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
         try:
-            request = services.PostRequest(
-                self.user, frame.text, frame.client_id, origin=self.conn_id
-            )
-            result = await ingest.post(self.room.pk, request)
+            try:
+                # Cancelling this task cancels ``stored``: only the answer is dropped.
+                await asyncio.wait([stored])
+                if previous is not None:
+                    await asyncio.wait([previous])
+            except asyncio.CancelledError:
+                if not stored.cancel() and not stored.cancelled():
+                    stored.exception()  # done already: retrieved, nobody is told any more
+                raise
+            if self.closing:
+                if not stored.cancelled():
+                    stored.exception()  # retrieved: nobody is told any more
+                return
+            await self._answer_stored(frame, stored, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # As an unhandled error in a frame handler: logged, and the socket closes (1011).
+            logger.exception("Answering a send in room %s failed", self.room.slug)
+            await self.close(code=protocol.CLOSE_INTERNAL_ERROR)
+
+    async def _answer_stored(
+        self,
+        frame: protocol.SendMessage,
+        stored: asyncio.Future[services.PostResult],
+        started: float,
+    ) -> None:
+        cid = frame.client_id or None
+        window = self._hub.send_window
+        try:
+            result = stored.result()
         except services.RateLimited:
             self._rate_limited(cid)
             return

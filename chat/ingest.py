@@ -13,9 +13,12 @@ processes), a send is acked only after its transaction committed, a resend of a 
 answered with the stored message, and a rate-limited or revoked send fails alone. A database
 failure fails the transaction's sends, each answered ``unavailable`` (none stored).
 
-Bounds: a socket handles its frames one after the other, so a room's queue holds at most one
-send per socket of this process (each at most ``CHAT_MAX_TEXT_BYTES``), and a transaction at
-most ``CHAT_GROUP_COMMIT_MAX_MESSAGES`` of them.
+Bounds: a socket has at most ``CHAT_MAX_PENDING_SENDS`` sends in flight (pipelined: the
+consumer submits them in the order the client sent them, ``submit``, and answers them in that
+order), so a room's queue holds at most that many sends per socket of this process (each at
+most ``CHAT_MAX_TEXT_BYTES``), and a transaction at most ``CHAT_GROUP_COMMIT_MAX_MESSAGES`` of
+them. A socket's sends keep their order: they join the queue in the order submitted, batches
+are taken from its front, and one room's batches of this process commit one after the other.
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ async def post(room_id: int, request: PostRequest) -> PostResult:
     """Store ``request`` in room ``room_id`` (with others, if they are waiting); its outcome.
 
     Raises what ``services.post_message`` raises: RateLimited, Revoked, DatabaseError."""
+    # A sender that goes away (socket closed) cancels only its own future: the commit runs in
+    # its own task, stores the message anyway (as a single send did), and skips the answer.
+    return await submit(room_id, request)
+
+
+def submit(room_id: int, request: PostRequest) -> asyncio.Future[PostResult]:
+    """Queue ``request`` for room ``room_id`` now (in call order); the future of its outcome.
+
+    The outcome is what ``post`` returns or raises. Cancelling the future drops only the
+    answer: the message is stored anyway."""
     loop = asyncio.get_running_loop()
     rooms = _queues.get()
     queue = rooms.setdefault(room_id, _Queue())
@@ -58,9 +71,7 @@ async def post(room_id: int, request: PostRequest) -> PostResult:
     if not queue.committing:
         queue.committing = True
         queue.task = loop.create_task(_commit_all(room_id, queue, rooms))
-    # A sender that goes away (socket closed) cancels only its own future: the commit runs in
-    # its own task, stores the message anyway (as a single send did), and skips the answer.
-    return await future
+    return future
 
 
 async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> None:

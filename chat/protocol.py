@@ -36,6 +36,8 @@ CLOSE_TOO_MANY_SOCKETS = 4429
 # Reconnect (with backoff) and resume by seq: this socket fell behind what it was sent, more
 # than its outbound byte bound (Centrifugo's 3008 "slow", in our 40xx "retry" range).
 CLOSE_SLOW_CONSUMER = 4008
+# An unexpected server error on this socket (what daphne sends when a handler raises).
+CLOSE_INTERNAL_ERROR = 1011
 # The server is restarting (drain on deploy): reconnect with jitter and resume.
 CLOSE_SERVICE_RESTART = 1012
 # The server cannot serve this socket now (its database is down): reconnect later.

@@ -1,0 +1,260 @@
+"""Pipelined sends (chat/consumers.py ``_pending``): a socket has up to CHAT_MAX_PENDING_SENDS
+sends in flight, so they share group commits, and every answer keeps the client's order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import User
+from django.test import override_settings
+
+from chat import ingest, protocol, services
+from chat.models import Room
+from chat.services import PostRequest, PostResult
+from tests.test_consumer import (
+    connected,
+    frames,
+    quiet,
+    send,
+    stored_texts,
+    stored_texts_eventually,
+)
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+class Gate:
+    """Wraps ``ingest.submit``: counts this process's sends in flight (submitted, outcome not
+    yet handed back) and holds outcomes back while closed, as a slow database would."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.submitted: list[str] = []
+        self.held: list[Callable[[], None]] = []
+        self.fail: set[str] = set()  # texts whose outcome is an unexpected error
+        self.real = ingest.submit
+
+    def submit(self, room_id: int, request: PostRequest) -> asyncio.Future[PostResult]:
+        inner = self.real(room_id, request)
+        outer: asyncio.Future[PostResult] = asyncio.get_running_loop().create_future()
+        self.submitted.append(request.text)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        outer.add_done_callback(self._landed)
+        text = request.text
+
+        def hand_back() -> None:
+            if outer.done():  # the socket went away and cancelled it
+                if not inner.cancelled():
+                    inner.exception()
+                return
+            if text in self.fail:
+                outer.set_exception(RuntimeError("boom"))
+            elif inner.exception() is not None:
+                outer.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                outer.set_result(inner.result())
+
+        def inner_done(_: object) -> None:
+            if self.open:
+                hand_back()
+            else:
+                self.held.append(hand_back)
+
+        inner.add_done_callback(inner_done)
+        return outer
+
+    def _landed(self, _: object) -> None:
+        self.in_flight -= 1
+
+    def close(self) -> None:
+        self.open = False
+
+    def release(self, newest_first: bool = False) -> None:
+        self.open = True
+        held, self.held = self.held, []
+        for hand_back in reversed(held) if newest_first else held:
+            hand_back()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    g = Gate()
+    monkeypatch.setattr(ingest, "submit", g.submit)
+    yield g
+
+
+@pytest.fixture
+def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches services.post_messages was called with, in order."""
+    sizes: list[int] = []
+    real = services.post_messages
+
+    def counting(
+        room_id: int, requests: list[PostRequest], broadcasts: list[Any] | None = None
+    ) -> list[Any]:
+        sizes.append(len(requests))
+        return real(room_id, requests, broadcasts)
+
+    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
+    return sizes
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def read_until(comm: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` non-ambient frames."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        got.extend(await frames(comm))
+    assert len(got) == count, got
+    return got
+
+
+def answer_tasks() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "") == "ChatConsumer._answer_send"
+    ]
+
+
+@pytest.fixture
+async def alice() -> User:
+    return await database_sync_to_async(User.objects.create_user)("alice", password="x")
+
+
+@pytest.fixture
+async def lobby() -> Room:
+    return await database_sync_to_async(Room.objects.create)(slug="lobby", title="Lobby")
+
+
+@override_settings(CHAT_RATE_LIMIT_MESSAGES=3)
+async def test_a_batch_of_sends_shares_one_transaction_and_answers_in_order(
+    alice: User, lobby: Room, transactions: list[int]
+) -> None:
+    comm = await connected(alice, "lobby")
+    # One WebSocket message: all five are submitted before the room's transaction starts.
+    texts = [("a", "c0"), ("b", "c1"), ("a again", "c0"), ("c", "c2"), ("d", "c3")]
+    await send(comm, [{"type": "message", "text": t, "client_id": c} for t, c in texts])
+    got = await read_until(comm, 8)  # five answers, three messages
+    assert transactions == [5]
+    answers = [f for f in got if f["type"] != "message"]
+    assert answers[:4] == [
+        {"type": "ack", "client_id": "c0", "seq": 1},
+        {"type": "ack", "client_id": "c1", "seq": 2},
+        {"type": "ack", "client_id": "c0", "seq": 1},  # the resend: the stored message
+        {"type": "ack", "client_id": "c2", "seq": 3},
+    ]
+    assert answers[4]["code"] == protocol.RATE_LIMITED and answers[4]["client_id"] == "c3"
+    # Each message reaches its sender after its ack.
+    kinds = [(f["type"], f.get("seq")) for f in got]
+    for seq in (1, 2, 3):
+        assert kinds.index(("ack", seq)) < kinds.index(("message", seq))
+    assert await stored_texts(lobby) == ["a", "b", "c"]
+    await comm.disconnect()
+
+
+@override_settings(CHAT_MAX_PENDING_SENDS=3, CHAT_RATE_LIMIT_MESSAGES=1000)
+async def test_a_socket_that_never_waits_has_at_most_the_bound_in_flight(
+    alice: User, lobby: Room, gate: Gate
+) -> None:
+    comm = await connected(alice, "lobby")
+    gate.close()  # the database is slow: nothing is answered
+    count = 12
+    for i in range(count):  # an attacker: fires sends without reading anything
+        await send(comm, {"type": "message", "text": f"m{i}", "client_id": f"c{i}"})
+    await until(lambda: gate.in_flight == 3, "three sends in flight")
+    # At the bound the socket reads no further frame until the oldest is answered.
+    assert await quiet(comm)
+    assert gate.submitted == ["m0", "m1", "m2"]
+    gate.release(newest_first=True)  # the answers still go out in the order sent
+    got = await read_until(comm, 2 * count)
+    acks = [f for f in got if f["type"] == "ack"]
+    assert acks == [{"type": "ack", "client_id": f"c{i}", "seq": i + 1} for i in range(count)]
+    kinds = [(f["type"], f.get("seq")) for f in got]
+    for seq in range(1, count + 1):
+        assert kinds.index(("ack", seq)) < kinds.index(("message", seq))
+    assert gate.most_in_flight == 3
+    assert gate.submitted == [f"m{i}" for i in range(count)]
+    assert await stored_texts(lobby) == [f"m{i}" for i in range(count)]  # once each, in order
+    await comm.disconnect()
+
+
+async def test_other_frames_wait_for_the_sends_before_them(
+    alice: User, lobby: Room, gate: Gate
+) -> None:
+    comm = await connected(alice, "lobby")
+    gate.close()
+    await send(comm, {"type": "message", "text": "first", "client_id": "c0"})
+    await send(comm, {"type": "ping"})
+    await until(lambda: gate.submitted == ["first"], "the send submitted")
+    assert await quiet(comm), "no pong before the send before it is answered"
+    gate.release()
+    got = await read_until(comm, 3)
+    assert [f["type"] for f in got] == ["ack", "message", "pong"]
+    assert got[2]["last_seq"] == 1  # the pong knows the message sent before the ping
+    await comm.disconnect()
+
+
+async def test_a_socket_that_closes_with_sends_pending_stores_them_and_leaks_nothing(
+    alice: User, lobby: Room, gate: Gate
+) -> None:
+    comm = await connected(alice, "lobby")
+    gate.close()
+    for i in range(3):
+        await send(comm, {"type": "message", "text": f"m{i}", "client_id": f"c{i}"})
+    await until(lambda: gate.in_flight == 3, "three sends in flight")
+    assert len(answer_tasks()) == 3
+    await comm.disconnect()
+    assert await stored_texts_eventually(lobby, 3) == ["m0", "m1", "m2"]
+    gate.release()
+    await until(lambda: not answer_tasks(), "the answering tasks ended")
+    assert gate.in_flight == 0  # every future was cancelled or answered
+
+
+async def test_an_unexpected_error_in_a_pending_send_is_logged_and_closes_the_socket(
+    alice: User, lobby: Room, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    comm = await connected(alice, "lobby")
+    gate.fail.add("bad")
+    with caplog.at_level(logging.ERROR, logger="chat.consumers"):
+        await send(comm, [{"type": "message", "text": "bad", "client_id": "c0"}])
+        while True:
+            output = await comm.receive_output(timeout=3)
+            if output["type"] == "websocket.close":
+                break
+    assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
+    assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
+    await comm.disconnect()
+    await until(lambda: not answer_tasks(), "the answering tasks ended")
+
+
+@override_settings(CHAT_MAX_PENDING_SENDS=0)
+def test_the_bound_must_be_positive() -> None:
+    from chat.checks import check_chat_settings
+
+    messages = [m.msg for m in check_chat_settings() if m.id == "chat.E001"]
+    assert any("CHAT_MAX_PENDING_SENDS" in m for m in messages)
+
+
+@override_settings(CHAT_MAX_PENDING_SENDS=101)
+def test_more_pending_sends_than_the_hub_keeps_acks_for_is_a_warning() -> None:
+    from chat.checks import check_chat_settings
+
+    assert "chat.W004" in {m.id for m in check_chat_settings()}
+    with override_settings(CHAT_MAX_PENDING_SENDS=100):
+        assert "chat.W004" not in {m.id for m in check_chat_settings()}
