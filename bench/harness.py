@@ -1,7 +1,8 @@
 """Shared parts of the delivery benchmarks (fanout, connections, abuse): servers, trees, stats.
 
-The server command is defined here and nowhere else (``SERVER_COMMAND``): a benchmark starts
-every server, for the project and for the reference apps, with ``start_server``. Process
+The server commands are defined here and nowhere else (``SERVER_COMMAND``, and the named ones
+of ``SERVER_COMMANDS`` for ``--servers``): a benchmark starts every server, for the project
+and for the reference apps, through ``Server``. Process
 handling (sessions, logs, atexit cleanup) is ``tests.servers``'; this module adds what the
 benchmarks need on top: a configurable command, a source tree to run from (the current one or
 a temporary ``git worktree`` of a baseline ref), the project's database prepared for that tree,

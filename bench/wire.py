@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
 from bench import harness
@@ -198,7 +199,7 @@ class Member:
     reader: asyncio.Task[None] | None = None
 
     async def read(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ConnectionClosed):  # the end of the exchange, or a failure
             async for raw in self.ws:
                 data = json.loads(raw)
                 for frame in data if isinstance(data, list) else [data]:
