@@ -286,6 +286,8 @@ def measure(args: argparse.Namespace, variants: list[Variant], log: IO[str]) -> 
         order = variants[shift:] + variants[:shift]
         for p_index, phase in enumerate(phases):
             for v in order:
+                if rep == 0 and phase == args.profile_phase:
+                    v.server.profile()  # BENCH_PROFILE=DIR: py-spy from here to the end
                 result = v.run(f"r{rep}p{p_index}", *plan[phase])
                 v.results[phase].append(result)
                 print(f"rep {rep + 1} " + describe(v.name, phase, result), flush=True)
@@ -301,6 +303,11 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100, help="throughput phase")
     parser.add_argument("--latency-messages", type=int, default=100, help="window 1 phase")
     parser.add_argument("--single-messages", type=int, default=10, help="1 publisher phase")
+    parser.add_argument(
+        "--profile-phase",
+        choices=PHASES,
+        help="with BENCH_PROFILE=DIR, record each server with py-spy from this phase on",
+    )
     parser.add_argument("--accounts", type=int, default=10, help="logins the sockets share")
     parser.add_argument("--variants", default="project,tutorial,bare")
     parser.add_argument("--baseline-ref", default="", help="also serve the project from REF")
