@@ -31,6 +31,7 @@ from django.db import DatabaseError
 from realtime_kit import drain, sse
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 from realtime_kit.metrics import metrics
+from realtime_kit.threads import detached
 
 from . import protocol, services
 from .conf import app_settings
@@ -107,8 +108,8 @@ class NotificationStream:
     async def _start(self) -> AsyncIterator[bytes]:
         # The horizon first: a row committed after it is either in the unread state below or
         # (if later still) arrives live; it is never in neither.
-        horizon = await services.alatest_id()
-        state = await services.aunread_state(self.user_id)
+        horizon = await detached(services.alatest_id())
+        state = await detached(services.aunread_state(self.user_id))
         yield _bytes(protocol.unread_event(state.count, state.last_id))
         if self.last_event_id is None:
             self.synced = horizon
@@ -121,7 +122,9 @@ class NotificationStream:
         """Send the user's notifications in (synced, upto] from the database, in batches."""
         batch = max(app_settings.REPLAY_BATCH_SIZE, 1)
         while self.synced < upto:
-            events = await services.aevents_between(self.user_id, self.synced, upto, batch)
+            events = await detached(
+                services.aevents_between(self.user_id, self.synced, upto, batch)
+            )
             if events:
                 metrics().notifications_delivered.inc(len(events))
                 yield _bytes("".join(protocol.notification_event(i, d) for i, d in events))
@@ -153,7 +156,7 @@ class NotificationStream:
 
     async def _handle(self, item: Range | UnreadChanged) -> AsyncIterator[bytes]:
         if isinstance(item, UnreadChanged):
-            state = await services.aunread_state(self.user_id)
+            state = await detached(services.aunread_state(self.user_id))
             yield _bytes(protocol.unread_event(state.count, state.last_id))
             return
         if item.upto <= self.synced:
