@@ -11,6 +11,10 @@ When the process drains for a restart (``realtime_kit.drain``), the hub ends eve
 subscription: the stream stops at an event boundary and its response ends normally, so the
 browser reconnects after ``retry`` with the last id it received and the replay sends the rest.
 
+Every database read of a stream is ``detached`` (``realtime_kit.threads``): it runs on the
+process's shared database thread, not on the request's own thread, which would keep an open
+connection per stream for as long as the stream lasts.
+
 Concurrent streams are counted per user by a ``realtime_kit`` lease per stream, under
 ``<NOTIFICATIONS_REDIS_KEY_PREFIX>:streams:<user id>``: in this process, or for every process
 when ``NOTIFICATIONS_REDIS_URL`` is set. The view refuses streams beyond
