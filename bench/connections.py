@@ -17,10 +17,15 @@ CPU has gone quiet after the last connection; and the server CPU it took to open
 - ``bare ws`` / ``bare sse``: a bare ASGI app (``bench/bare_asgi.py``).
 
 ``--baseline-ref REF`` adds the project's two variants served from a ``git worktree`` of REF.
+``--servers runner,uvicorn,uvicorn+deflate`` runs every variant on each named server
+(``bench.harness.SERVER_COMMANDS``), named ``project ws runner``, ``project ws uvicorn``, ...,
+with ratios to the first; ``+deflate``: the WebSocket clients offer permessage-deflate, as
+browsers do (SSE variants are not repeated for it).
 The open-file limit is raised to what the counts need (client and server both hold them).
 
     .venv/bin/python -m bench.connections [--quick] [--ws 2000] [--sse 2000] [--reps 1]
         [--large]  (10,000 WebSockets / 5,000 streams, one repetition)
+        [--servers runner,uvicorn,uvicorn+deflate]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -41,7 +47,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Origin
 
 from bench import harness
-from bench.harness import Server, Tree
+from bench.harness import Server, ServerChoice, Tree
 
 # Handshakes in flight at once. Daphne drops a WebSocket the app has not accepted within 5 s
 # (--websocket_connect_timeout); the project's connect queues its database work on one thread,
@@ -69,6 +75,31 @@ class Variant:
     # The stream is set up (subscribed, first events sent) once this marker has arrived.
     sse_marker: bytes = b": open"
     results: list[dict[str, float]] = field(default_factory=list)
+    family: str = ""  # "project ws", "bare sse", ...: what ratios compare across servers
+    server_label: str = ""  # the --servers entry it runs on ("" without --servers)
+    command: str | None = None  # a name of harness.SERVER_COMMANDS (None: the default)
+    compression: str | None = None  # what its WebSocket clients offer
+
+
+def on_servers(variants: list[Variant], choices: list[ServerChoice]) -> list[Variant]:
+    """Each variant once per server choice (``+deflate`` only for WebSockets); unchanged
+    without choices."""
+    if not choices:
+        return [dataclasses.replace(v, family=v.name) for v in variants]
+    return [
+        dataclasses.replace(
+            v,
+            name=f"{v.name} {choice.label}",
+            family=v.name,
+            server_label=choice.label,
+            command=choice.command,
+            compression=choice.compression,
+            results=[],
+        )
+        for choice in choices
+        for v in variants
+        if v.kind == "ws" or not choice.deflate
+    ]
 
 
 class Held:
@@ -113,7 +144,7 @@ class Held:
             open_timeout=120,
             ping_interval=None,
             max_size=None,
-            compression=None,
+            compression=self.variant.compression,
         )
         self.sockets.append(ws)
 
@@ -163,7 +194,7 @@ def wait_quiet(server: Server) -> None:
 
 
 async def measure_one(variant: Variant, count: int) -> dict[str, float]:
-    server = Server(variant.app, variant.env, variant.tree).start()
+    server = Server(variant.app, variant.env, variant.tree, variant.command).start()
     try:
         warm = Held(server, variant)
         await warm.open(WARMUP_CONNECTIONS)
@@ -248,17 +279,37 @@ def summarize(variants: list[Variant], counts: dict[str, int]) -> None:
             f"{v.name:22s} n={counts[v.kind]:6d}  {per_conn[v.name]:6.1f} KiB/conn  "
             f"server CPU {cpu:5.2f} ms/conn"
         )
+    by_key = {(v.family, v.server_label): v.name for v in variants}
     for v in variants:
-        bare = per_conn.get(f"bare {v.kind}", float("nan"))
-        if f"bare {v.kind}" in per_conn and not v.name.startswith("bare"):
-            change = harness.ratio(per_conn[v.name], bare)
-            print(f"ratio {v.name}/bare {v.kind} memory per connection: {change}")
+        bare = by_key.get((f"bare {v.kind}", v.server_label))
+        if bare is not None and not v.family.startswith("bare"):
+            change = harness.ratio(per_conn[v.name], per_conn[bare])
+            print(f"ratio {v.name}/{bare} memory per connection: {change}")
     for v in variants:
         if v.name.startswith("project@"):
             change = harness.ratio(
                 per_conn.get(f"project {v.kind}", float("nan")), per_conn[v.name]
             )
             print(f"ratio project {v.kind}/{v.name} memory per connection: {change}")
+    compare_servers(variants, per_conn)
+
+
+def compare_servers(variants: list[Variant], per_conn: dict[str, float]) -> None:
+    """Ratios of each variant on a later ``--servers`` entry to the same one on the first."""
+    labels = list(dict.fromkeys(v.server_label for v in variants if v.server_label))
+    first = {v.family: v for v in variants if labels and v.server_label == labels[0]}
+    for v in variants:
+        base = first.get(v.family)
+        if base is None or v is base:
+            continue
+        cpu, base_cpu = (
+            harness.median([r["cpu_ms_per_connection"] for r in x.results]) for x in (v, base)
+        )
+        print(
+            f"ratio {v.name}/{base.name}: memory per connection "
+            f"{harness.ratio(per_conn[v.name], per_conn[base.name])}, "
+            f"CPU to open {harness.ratio(cpu, base_cpu)}"
+        )
 
 
 async def measure(variants: list[Variant], counts: dict[str, int], reps: int) -> None:
@@ -280,6 +331,12 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10, help="logins the connections share")
     parser.add_argument("--only", default="", help="comma list of variant names to run")
     parser.add_argument("--baseline-ref", default="", help="also serve the project from REF")
+    parser.add_argument(
+        "--servers",
+        default="",
+        help="run every variant on each of these (comma list of daphne, runner, uvicorn;"
+        " +deflate: WebSocket clients offer permessage-deflate), e.g. runner,uvicorn",
+    )
     args = parser.parse_args()
     harness.exit_on_sigterm()
     if args.quick:
@@ -298,6 +355,7 @@ def main() -> None:
             label = f"project@{tree.label.split('@')[1]}"
             variants += project_variants(tree, tmp, args.accounts, label)
         variants += reference_variants()
+        variants = on_servers(variants, harness.parse_servers(args.servers))
         if args.only:
             wanted = set(args.only.split(","))
             variants = [v for v in variants if v.name in wanted]

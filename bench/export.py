@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -206,11 +207,18 @@ class Result:
     body_mb: float
     rss_growth_mb: float
     note: str = ""
+    # The server's CPU over the download: rows per CPU second is what one idle core would
+    # serve, a figure that holds while other work shares the machine (wall time does not).
+    server_cpu_seconds: float = 0.0
 
     def line(self) -> str:
         rate = f"{self.rows / self.seconds:>9,.0f} rows/s" if self.rows else " " * 16
+        cpu_rate = " " * 22
+        if self.rows and self.server_cpu_seconds:
+            cpu_rate = f"{self.rows / self.server_cpu_seconds:>9,.0f} rows/CPU-s"
         return (
             f"{self.db:8s} {self.case:26s} rows={self.rows:>8d} {self.seconds:7.1f} s {rate}"
+            f"  server {cpu_rate}"
             f"  first byte {self.first_byte_ms:7.1f} ms  body {self.body_mb:7.1f} MB"
             f"  peak RSS +{self.rss_growth_mb:7.1f} MB {self.note}"
         )
@@ -267,8 +275,11 @@ async def measure(
         cookie = await servers.login(server.base_url, "alice")
         # Warm up imports and the first connection with a tiny export.
         await download(server, cookie, f"/chat/lobby/export/?after={expected_rows - 5}")
-        with RssSampler(server.proc.pid if server.proc else 0) as sampler:
+        pid = server.proc.pid if server.proc else 0
+        cpu_before = harness.cpu_seconds(pid)
+        with RssSampler(pid) as sampler:
             got, lines, first, total = await download(server, cookie, path, rate, seconds)
+            cpu = harness.cpu_seconds(pid) - cpu_before
             if rate is not None:
                 # Keep sampling while the server would go on filling its buffer.
                 await asyncio.sleep(1.0)
@@ -289,6 +300,7 @@ async def measure(
             got / MB,
             sampler.growth,
             note,
+            cpu,
         )
     finally:
         server.cleanup()
@@ -322,6 +334,9 @@ async def run_db(
                 args.slow_rate,
             ),
         ]
+    if db == "sqlite":
+        results.append(sqlite_cli(env["SQLITE_PATH"], rows))
+        print(results[-1].line(), flush=True)
     for case, app, path, rate in cases:
         tree = baseline if case.startswith("previous") else None
         result = await measure(db, case, env, app, path, rows, rate, args.slow_seconds, tree)
@@ -335,6 +350,35 @@ def seed(env: dict[str, str], rows: int) -> float:
     servers.prepare_database(env)
     servers.run_django_script(_SEED, env, json.dumps({"count": rows}), timeout=3600)
     return time.monotonic() - start
+
+
+# The same room as NDJSON-like lines from the sqlite3 command-line shell: a C reference for
+# reading and formatting the rows (no HTTP, no Python).
+CLI_QUERY = (
+    "SELECT json_object('type','message','seq',m.seq,'user',u.username,'text',m.text,"
+    "'client_id',m.client_id,'status',m.status,'created_at',m.created_at,"
+    "'edited_at',m.edited_at,'deleted',m.deleted) "
+    "FROM chat_message m JOIN chat_room r ON r.id = m.room_id "
+    "JOIN auth_user u ON u.id = m.user_id WHERE r.slug = 'lobby' ORDER BY m.seq;"
+)
+
+
+def sqlite_cli(path: str, expected_rows: int) -> Result:
+    """Run CLI_QUERY in ``sqlite3`` and count its output lines, wall time and CPU."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        ["sqlite3", "-readonly", "-batch", path, CLI_QUERY], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    got = lines = 0
+    while chunk := proc.stdout.read(1 << 20):
+        got += len(chunk)
+        lines += chunk.count(b"\n")
+    _, status, usage = os.wait4(proc.pid, 0)
+    total = time.monotonic() - start
+    note = "" if lines == expected_rows else f"(!! {lines} rows, status {status})"
+    cpu = usage.ru_utime + usage.ru_stime
+    return Result("sqlite", "sqlite3 CLI (reference)", lines, total, 0.0, got / MB, 0.0, note, cpu)
 
 
 def ratios(results: list[Result]) -> None:
@@ -353,6 +397,16 @@ def ratios(results: list[Result]) -> None:
                 print(
                     f"ratio {db}: previous/stream {fmt}  time {old.seconds / new.seconds:5.2f}x"
                     f"  ({old.rows / old.seconds:,.0f} -> {new.rows / new.seconds:,.0f} rows/s)"
+                )
+        cli = by.get((db, "sqlite3 CLI (reference)"))
+        for case in ("stream ndjson", "stream csv"):
+            mine = by.get((db, case))
+            if cli and mine and mine.server_cpu_seconds and cli.server_cpu_seconds:
+                ours = mine.rows / mine.server_cpu_seconds
+                theirs = cli.rows / cli.server_cpu_seconds
+                print(
+                    f"ratio {db}: sqlite3 CLI/{case} rows per CPU second {theirs / ours:5.2f}x"
+                    f"  ({ours:,.0f} vs {theirs:,.0f} rows/CPU-s)"
                 )
         unbounded = by.get((db, "stream ndjson, no bound"))
         if stream and unbounded:

@@ -11,7 +11,10 @@ Three servers run side by side for the whole invocation, each started by
   received text sent as it is).
 
 With ``--baseline-ref REF`` a fourth server runs the project from a temporary ``git worktree``
-of REF. Each has its own client process (``bench.fanout_client``) holding ``--subscribers`` +
+of REF. With ``--servers runner,uvicorn`` every variant runs once per named server
+(``bench.harness.SERVER_COMMANDS``; ``uvicorn+deflate``: its clients offer permessage-deflate,
+as browsers do), named ``project runner``, ``project uvicorn``, ..., with ratios to the first.
+Each has its own client process (``bench.fanout_client``) holding ``--subscribers`` +
 ``--publishers`` sockets in one room. Every repetition runs three phases, each variant in
 turn (the order rotates between repetitions):
 
@@ -27,7 +30,7 @@ publishers receive every message too). Latency is send -> receive at the subscri
 client's own CPU is printed next to it: near 100 % of one core, the client limits throughput.
 
     .venv/bin/python -m bench.fanout [--quick] [--reps 3] [--messages 100]
-        [--baseline-ref 6a7fcbc]
+        [--baseline-ref 6a7fcbc] [--servers runner,uvicorn,uvicorn+deflate]
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench import harness
-from bench.harness import Server, Tree
+from bench.harness import Server, ServerChoice, Tree
 
 LOBBY = "lobby"
 TUTORIAL_PATH = "/ws/chat/lobby/"
@@ -59,6 +62,9 @@ class Variant:
     path: str
     protocol: str
     cookies: list[str] = field(default_factory=list)
+    family: str = ""  # project, tutorial, bare: what ratios compare across servers
+    server_label: str = ""  # the --servers entry it runs on ("" without --servers)
+    compression: str | None = None  # what its client offers (websockets' ``compression``)
     client: subprocess.Popen[str] | None = None
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -68,6 +74,7 @@ class Variant:
             "origin": self.server.base_url,
             "cookies": self.cookies,
             "protocol": self.protocol,
+            "compression": self.compression,
             "subscribers": subscribers,
             "publishers": publishers,
         }
@@ -115,13 +122,23 @@ class Variant:
             self.client.kill()
 
 
-def project_variant(name: str, tree: Tree, tmp: Path, accounts: int) -> Variant:
+def project_variant(
+    name: str, tree: Tree, tmp: Path, accounts: int, choice: ServerChoice | None = None
+) -> Variant:
     env = harness.project_env(tmp / f"{name}.sqlite3")
     usernames = [f"bench{i}" for i in range(accounts)]
     harness.prepare_project(tree, env, usernames, {LOBBY: 0})
-    server = Server(harness.PROJECT_APP, env, tree).start()
+    server = Server(harness.PROJECT_APP, env, tree, choice.command if choice else None).start()
     cookies = harness.login_all(server.base_url, usernames)
     return Variant(name, server, f"/ws/chat/{LOBBY}/", "project", cookies)
+
+
+def on_server(variant: Variant, family: str, choice: ServerChoice | None) -> Variant:
+    """Mark ``variant`` as ``family`` served by ``choice`` (None: the default command)."""
+    variant.family = family
+    variant.server_label = choice.label if choice else ""
+    variant.compression = choice.compression if choice else None
+    return variant
 
 
 def per_frame_us(seconds: float, frames: int) -> float:
@@ -165,18 +182,48 @@ def summarize(variants: list[Variant]) -> None:
             f" {med([r['latency_p50_ms'] for r in one]):10.1f}"
             f" {med([r['latency_p99_ms'] for r in one]):11.1f} | {lost}"
         )
-    bare = rows.get("bare", float("nan"))
-    for name, us in rows.items():
-        if name != "bare":
-            print(f"ratio {name}/bare server CPU per frame: {harness.ratio(us, bare)}")
-    if "tutorial" in rows:
-        for name, us in rows.items():
-            if name.startswith("project"):
-                ratio = harness.ratio(us, rows["tutorial"])
-                print(f"ratio {name}/tutorial server CPU per frame: {ratio}")
+    by_key = {(v.family, v.server_label): v.name for v in variants}
+    for v in variants:
+        bare = by_key.get(("bare", v.server_label))
+        if v.family != "bare" and bare is not None:
+            ratio = harness.ratio(rows[v.name], rows[bare])
+            print(f"ratio {v.name}/{bare} server CPU per frame: {ratio}")
+        tutorial = by_key.get(("tutorial", v.server_label))
+        if v.family == "project" and tutorial is not None:
+            ratio = harness.ratio(rows[v.name], rows[tutorial])
+            print(f"ratio {v.name}/{tutorial} server CPU per frame: {ratio}")
     for name in [name for name in rows if name.startswith("project@")]:
         change = harness.ratio(rows.get("project", float("nan")), rows[name])
         print(f"ratio project/{name} server CPU per frame: {change}")
+    compare_servers(variants)
+
+
+def compare_servers(variants: list[Variant]) -> None:
+    """Ratios of each variant on a later ``--servers`` entry to the same one on the first."""
+    labels = list(dict.fromkeys(v.server_label for v in variants if v.server_label))
+    first = {v.family: v for v in variants if labels and v.server_label == labels[0]}
+    med = harness.median
+    for v in variants:
+        base = first.get(v.family)
+        if base is None or v is base or not v.server_label:
+            continue
+
+        def cpu(x: Variant) -> float:
+            return med([per_frame_us(r["server_cpu_seconds"], r["delivered"])
+                        for r in x.results["throughput"]])  # fmt: skip
+
+        def fps(x: Variant) -> float:
+            return med([r["delivered"] / r["wall_seconds"] for r in x.results["throughput"]])
+
+        def p50(x: Variant, phase: str) -> float:
+            return med([r["latency_p50_ms"] for r in x.results[phase]])
+
+        print(
+            f"ratio {v.name}/{base.name}: server CPU per frame {harness.ratio(cpu(v), cpu(base))},"
+            f" frames/s {harness.ratio(fps(v), fps(base))},"
+            f" window 1 p50 {harness.ratio(p50(v, 'window 1'), p50(base, 'window 1'))},"
+            f" 1 publisher p50 {harness.ratio(p50(v, '1 publisher'), p50(base, '1 publisher'))}"
+        )
 
 
 def start_variants(
@@ -190,17 +237,26 @@ def start_variants(
         stack.callback(variant.server.cleanup)
         stack.callback(variant.stop_client)
 
-    if "project" in names:
-        keep(project_variant("project", harness.CURRENT, tmp, args.accounts))
+    choices: list[ServerChoice | None] = [*harness.parse_servers(args.servers)] or [None]
+    for choice in choices:
+        suffix = f" {choice.label}" if choice else ""
+        command = choice.command if choice else None
+        if "project" in names:
+            variant = project_variant("project" + suffix, harness.CURRENT, tmp, args.accounts,
+                                      choice)  # fmt: skip
+            keep(on_server(variant, "project", choice))
+        if "tutorial" in names:
+            server = Server(harness.TUTORIAL_APP, harness.reference_env(), command=command)
+            variant = Variant("tutorial" + suffix, server.start(), TUTORIAL_PATH, "tutorial")
+            keep(on_server(variant, "tutorial", choice))
+        if "bare" in names:
+            server = Server(harness.BARE_APP, harness.reference_env(), command=command)
+            variant = Variant("bare" + suffix, server.start(), BARE_PATH, "bare")
+            keep(on_server(variant, "bare", choice))
     if args.baseline_ref:
         tree = stack.enter_context(harness.baseline_tree(args.baseline_ref))
-        keep(project_variant(f"project@{tree.label.split('@')[1]}", tree, tmp, args.accounts))
-    if "tutorial" in names:
-        server = Server(harness.TUTORIAL_APP, harness.reference_env()).start()
-        keep(Variant("tutorial", server, TUTORIAL_PATH, "tutorial"))
-    if "bare" in names:
-        server = Server(harness.BARE_APP, harness.reference_env()).start()
-        keep(Variant("bare", server, BARE_PATH, "bare"))
+        name = f"project@{tree.label.split('@')[1]}"
+        keep(on_server(project_variant(name, tree, tmp, args.accounts), "project@", None))
     return variants
 
 
@@ -230,6 +286,8 @@ def measure(args: argparse.Namespace, variants: list[Variant], log: IO[str]) -> 
         order = variants[shift:] + variants[:shift]
         for p_index, phase in enumerate(phases):
             for v in order:
+                if rep == 0 and phase == args.profile_phase:
+                    v.server.profile()  # BENCH_PROFILE=DIR: py-spy from here to the end
                 result = v.run(f"r{rep}p{p_index}", *plan[phase])
                 v.results[phase].append(result)
                 print(f"rep {rep + 1} " + describe(v.name, phase, result), flush=True)
@@ -245,9 +303,20 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100, help="throughput phase")
     parser.add_argument("--latency-messages", type=int, default=100, help="window 1 phase")
     parser.add_argument("--single-messages", type=int, default=10, help="1 publisher phase")
+    parser.add_argument(
+        "--profile-phase",
+        choices=PHASES,
+        help="with BENCH_PROFILE=DIR, record each server with py-spy from this phase on",
+    )
     parser.add_argument("--accounts", type=int, default=10, help="logins the sockets share")
     parser.add_argument("--variants", default="project,tutorial,bare")
     parser.add_argument("--baseline-ref", default="", help="also serve the project from REF")
+    parser.add_argument(
+        "--servers",
+        default="",
+        help="run every variant on each of these (comma list of daphne, runner, uvicorn;"
+        " +deflate: clients offer permessage-deflate), e.g. runner,uvicorn,uvicorn+deflate",
+    )
     args = parser.parse_args()
     harness.exit_on_sigterm()
     if args.quick:

@@ -80,7 +80,8 @@ class Clients:
                     open_timeout=120,
                     ping_interval=None,
                     max_size=None,
-                    compression=None,
+                    # None, or "deflate" to offer permessage-deflate as browsers do.
+                    compression=self.config.get("compression"),
                 )
 
         self.sockets = list(await asyncio.gather(*(one(i) for i in range(total))))

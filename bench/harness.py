@@ -1,7 +1,8 @@
 """Shared parts of the delivery benchmarks (fanout, connections, abuse): servers, trees, stats.
 
-The server command is defined here and nowhere else (``SERVER_COMMAND``): a benchmark starts
-every server, for the project and for the reference apps, with ``start_server``. Process
+The server commands are defined here and nowhere else (``SERVER_COMMAND``, and the named ones
+of ``SERVER_COMMANDS`` for ``--servers``): a benchmark starts every server, for the project
+and for the reference apps, through ``Server``. Process
 handling (sessions, logs, atexit cleanup) is ``tests.servers``'; this module adds what the
 benchmarks need on top: a configurable command, a source tree to run from (the current one or
 a temporary ``git worktree`` of a baseline ref), the project's database prepared for that tree,
@@ -47,6 +48,20 @@ SERVER_COMMAND = (
 )
 SERVER_COMMAND_ENV = "BENCH_SERVER_COMMAND"
 BASELINE_SERVER_COMMAND_ENV = "BENCH_BASELINE_SERVER_COMMAND"
+
+# Named servers for side-by-side runs (``--servers runner,uvicorn``); a named server ignores
+# BENCH_SERVER_COMMAND. ``runner`` is what ``make run`` serves; ``uvicorn`` has the flags of the
+# e2e pass on uvicorn (tests/servers.py, TEST_ASGI_SERVER=uvicorn), and its per-connection log
+# lines off like daphne's (no access log, warnings only). uvicorn negotiates permessage-deflate
+# with clients that offer it (``--ws-per-message-deflate`` is on by default); daphne never does.
+SERVER_COMMANDS = {
+    "daphne": SERVER_COMMAND,
+    "runner": "{python} -m realtime_kit.server -b {host} -p {port}"
+    " --websocket-max-message-size {ws_max_bytes} {app}",
+    "uvicorn": "{python} -m uvicorn --host {host} --port {port} --ws websockets"
+    " --ws-max-size {ws_max_bytes} --lifespan off --no-access-log --log-level warning {app}",
+}
+DEFLATE_SUFFIX = "+deflate"
 
 PROJECT_APP = "project.asgi:application"
 TUTORIAL_APP = "bench.tutorial.asgi:application"
@@ -96,9 +111,44 @@ def baseline_tree(ref: str) -> Iterator[Tree]:
 # --- servers ---------------------------------------------------------------------------------
 
 
-def server_command(app: str, port: int, baseline: bool = False) -> list[str]:
-    """The argv that serves ``app`` on ``port`` (see ``SERVER_COMMAND``)."""
+@dataclass(frozen=True)
+class ServerChoice:
+    """One entry of ``--servers``: a named server command (``SERVER_COMMANDS``), and whether
+    the benchmark's WebSocket clients offer permessage-deflate (``uvicorn+deflate``), as
+    browsers do. Without the suffix they offer no extension (the benchmarks' default)."""
+
+    command: str
+    deflate: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.command + (DEFLATE_SUFFIX if self.deflate else "")
+
+    @property
+    def compression(self) -> str | None:
+        """The ``compression`` argument of ``websockets.connect`` for this choice."""
+        return "deflate" if self.deflate else None
+
+
+def parse_servers(spec: str) -> list[ServerChoice]:
+    """``"runner,uvicorn,uvicorn+deflate"`` -> choices; unknown names exit with the known ones."""
+    choices = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        command = item.removesuffix(DEFLATE_SUFFIX)
+        if command not in SERVER_COMMANDS:
+            raise SystemExit(f"unknown server {item!r}: one of {', '.join(SERVER_COMMANDS)}")
+        choices.append(ServerChoice(command, item.endswith(DEFLATE_SUFFIX)))
+    return choices
+
+
+def server_command(
+    app: str, port: int, baseline: bool = False, command: str | None = None
+) -> list[str]:
+    """The argv that serves ``app`` on ``port``: the named ``command`` of ``SERVER_COMMANDS``,
+    else ``SERVER_COMMAND`` (or its environment override)."""
     template = os.environ.get(BASELINE_SERVER_COMMAND_ENV if baseline else SERVER_COMMAND_ENV)
+    if command is not None:
+        template = SERVER_COMMANDS[command]
     values = {
         "python": shlex.quote(sys.executable),
         "host": HOST,
@@ -114,11 +164,14 @@ class Server(servers._Process):
 
     name = "server"
 
-    def __init__(self, app: str, env: dict[str, str], tree: Tree = CURRENT) -> None:
+    def __init__(
+        self, app: str, env: dict[str, str], tree: Tree = CURRENT, command: str | None = None
+    ) -> None:
         super().__init__()
         self.app = app
         self.env = env
         self.tree = tree
+        self.command = command
         self.port = servers.free_port()
 
     @property
@@ -143,7 +196,7 @@ class Server(servers._Process):
         # The tree's own code, whatever the caller's PYTHONPATH says.
         env = {**os.environ, **self.env, "PYTHONPATH": str(self.tree.path)}
         env["PYTHONUNBUFFERED"] = "1"
-        argv = server_command(self.app, self.port, self.tree.baseline)
+        argv = server_command(self.app, self.port, self.tree.baseline, self.command)
         self._spawn(argv, env=env, cwd=self.tree.path)
         servers._wait_until(self._healthy, self, servers.START_TIMEOUT_SECONDS, "GET /healthz")
         return self
@@ -189,8 +242,10 @@ class Server(servers._Process):
         return rss_bytes(self.pid)
 
 
-def start_server(app: str, env: dict[str, str], tree: Tree = CURRENT) -> Server:
-    return Server(app, env, tree).start()
+def start_server(
+    app: str, env: dict[str, str], tree: Tree = CURRENT, command: str | None = None
+) -> Server:
+    return Server(app, env, tree, command).start()
 
 
 def reference_env(settings_module: str = TUTORIAL_SETTINGS) -> dict[str, str]:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+
 from asgiref.sync import async_to_sync
 from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.forms import ModelForm
@@ -31,7 +34,7 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):
-    list_display = ["slug", "title", "is_private", "owner", "last_seq", "created_at"]
+    list_display = ["slug", "title", "is_private", "owner", "last_seq", "online", "created_at"]
     list_filter = ["is_private", "created_at"]
     search_fields = ["slug", "title"]
     prepopulated_fields = {"slug": ["title"]}
@@ -69,6 +72,34 @@ class RoomAdmin(admin.ModelAdmin):
             page_size=app_settings.EXPORT_PAGE_SIZE,
             audit=f"admin user={request.user.pk} rooms={len(rooms)}:{slugs}",
         )
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        changelist = super().get_changelist_instance(request)
+        # One presence read for the page's rooms (gathered), not one hop per row. The counts
+        # ride on the page's own instances: this admin object is shared by every request.
+        # (Evaluating result_list caches it: the page renders these same instances.)
+        rooms = list(changelist.result_list)
+        try:
+            states: list[State | None] = list(
+                async_to_sync(_presence_snapshots)([room.pk for room in rooms])
+            )
+        except Exception:
+            states = [None] * len(rooms)
+        for room, state in zip(rooms, states, strict=True):
+            room.online_state = state
+        return changelist
+
+    @admin.display(description="online (users / sockets)")
+    def online(self, obj: Room) -> str:
+        """Live counts from the presence store (every process), for the changelist."""
+        if not hasattr(obj, "online_state"):
+            return "-"
+        state: State | None = obj.online_state
+        if state is None:
+            return "presence store unavailable"
+        if not state:
+            return "-"
+        return f"{len(state)} / {sum(u.connections for u in state.values())}"
 
     @admin.display(description="online now")
     def online_now(self, obj: Room) -> str:
@@ -148,6 +179,11 @@ class MessageAdmin(admin.ModelAdmin):
 
 async def _presence_snapshot(room_id: int) -> State:
     return await get_hub().snapshot(room_id)
+
+
+async def _presence_snapshots(room_ids: list[int]) -> list[State]:
+    hub = get_hub()
+    return list(await asyncio.gather(*(hub.snapshot(room_id) for room_id in room_ids)))
 
 
 @admin.register(ReadMarker)

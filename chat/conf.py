@@ -59,9 +59,12 @@ class ChatSettings:
 
     @property
     def MAX_SEND_BYTES(self) -> int:
-        """Largest WebSocket message the server sends, in bytes: at most the server's own
-        message size limit (daphne ``--websocket-max-message-size``; over it daphne closes
-        the socket with 1011). History, replays and batches are packed within it."""
+        """Largest WebSocket message the server sends, in bytes. History, replays and
+        batches are packed within it. Keep it within what clients accept (browsers: no
+        limit; the ``websockets`` client: 1 MiB by default). Daphne applies
+        ``--websocket-max-message-size`` to what autobahn's ``sendMessage`` sends (over it:
+        close 1011), but the chat writer frames its messages itself, so only the clients'
+        limits bind; uvicorn limits incoming messages only."""
         return int(self._get("MAX_SEND_BYTES", 64 * 1024))
 
     @property

@@ -1,7 +1,9 @@
 """One member or one socket must not hurt the others: byte bounds, floods, slow readers.
 
-Real daphne run with ``--websocket-max-message-size 65536`` (as ``make run``): a server
-message over it closes the socket with 1011, so every message the server sends must fit.
+Real daphne run with ``--websocket-max-message-size 65536`` (as ``make run``). Every message
+the server sends must fit CHAT_MAX_SEND_BYTES (64 KiB, the same number): clients have limits of
+their own, and a send through autobahn's ``sendMessage`` over daphne's limit closes the socket
+with 1011 (the chat writer frames its messages itself, so the check here is on the size).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ async def read_all(ws: ClientConnection, until_seq: int, timeout: float = 20.0) 
     while not any(f.get("type") == "message" and f["seq"] == until_seq for f in frames):
         raw = await asyncio.wait_for(ws.recv(), deadline - asyncio.get_running_loop().time())
         size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
-        assert size <= WS_MAX_MESSAGE_BYTES, f"a {size}-byte message would close the socket"
+        assert size <= WS_MAX_MESSAGE_BYTES, f"a {size}-byte message is over CHAT_MAX_SEND_BYTES"
         frames.extend(decode_frames(raw))
     return frames
 

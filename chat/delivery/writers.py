@@ -4,9 +4,12 @@ Two writers, chosen per socket from the ASGI ``send`` the server gave the applic
 
 - ``DaphneWriter``: daphne's ``send`` writes into Twisted's buffer and returns at once
   (daphne#170), so a client that does not read grows that buffer without bound. This writer
-  hands pre-encoded bytes to the autobahn protocol directly (one UTF-8 encoding per batch for
-  every recipient, none per socket) and reads the transport's buffered byte count: that *is*
-  the socket's outbound backlog.
+  writes the WebSocket frame itself, framed once per batch for every recipient (autobahn's
+  ``PreparedMessage``; none per socket), and reads the transport's buffered byte count: that
+  *is* the socket's outbound backlog. When that backlog is empty the frame goes to the socket
+  at once (one ``send``) instead of through Twisted's buffer, which would register the socket
+  for writing, wait for the next reactor turn and unregister it again: per write that was
+  most of the CPU of a broadcast that is not batched (docs/benchmarks.md).
 - ``AsgiWriter``: any other server (uvicorn, the in-process test communicator). Messages wait
   in a byte-counted queue drained by one task; ``await send`` applies whatever flow control
   the server has (uvicorn's websockets waits while its transport is paused).
@@ -41,6 +44,16 @@ class Packed:
     text: str
     data: bytes
     binary: bool = False
+
+    @functools.cached_property
+    def frame(self) -> bytes:
+        """The whole WebSocket frame a server sends (unmasked, not compressed), built once
+        however many sockets get it. Only daphne's writer uses it."""
+        # Imported here: only a running daphne has autobahn loaded.
+        from autobahn.websocket.protocol import PreparedMessage
+
+        prepared = PreparedMessage(self.data, self.binary, applyMask=False, doNotCompress=True)
+        return bytes(prepared.payloadHybi)
 
     @classmethod
     def of(cls, text: str) -> Packed:
@@ -109,14 +122,40 @@ def daphne_protocol(send: Send) -> Any | None:
 class DaphneWriter(Writer):
     def __init__(self, protocol: Any) -> None:
         self.protocol = protocol
+        # A plain TCP connection (not TLS, which Twisted layers as another transport) can be
+        # written to with the socket's own ``send``.
+        transport = getattr(protocol, "transport", None)
+        self._socket = getattr(transport, "socket", None)
+        if getattr(transport, "TLS", False):
+            self._socket = None
 
     @property
     def open(self) -> bool:
         return not self.closed and self.protocol.state == self.protocol.STATE_OPEN
 
     def write(self, message: Packed) -> None:
-        if self.open:
-            self.protocol.sendMessage(message.data, message.binary)
+        if not self.open:
+            return
+        transport = self.protocol.transport
+        frame = message.frame
+        if (
+            self._socket is not None
+            and transport.connected
+            and not transport.disconnecting
+            and self.backlog_bytes() == 0
+        ):
+            # Nothing queued before it: sending now keeps the order. Whatever the kernel does
+            # not take goes to Twisted's buffer (and counts as backlog) as before.
+            try:
+                sent = self._socket.send(frame)
+            except OSError:
+                # Full (EAGAIN) or broken: Twisted's own write finds out and closes.
+                sent = 0
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+        # What autobahn's sendMessage would end with (it frames per call and per socket).
+        transport.write(frame)
 
     def backlog_bytes(self) -> int:
         transport = getattr(self.protocol, "transport", None)
