@@ -11,6 +11,10 @@ When the process drains for a restart (``realtime_kit.drain``), the hub ends eve
 subscription: the stream stops at an event boundary and its response ends normally, so the
 browser reconnects after ``retry`` with the last id it received and the replay sends the rest.
 
+Every database read of a stream is ``detached`` (``realtime_kit.threads``): it runs on the
+process's shared database thread, not on the request's own thread, which would keep an open
+connection per stream for as long as the stream lasts.
+
 Concurrent streams are counted per user by a ``realtime_kit`` lease per stream, under
 ``<NOTIFICATIONS_REDIS_KEY_PREFIX>:streams:<user id>``: in this process, or for every process
 when ``NOTIFICATIONS_REDIS_URL`` is set. The view refuses streams beyond
@@ -31,6 +35,7 @@ from django.db import DatabaseError
 from realtime_kit import drain, sse
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 from realtime_kit.metrics import metrics
+from realtime_kit.threads import detached
 
 from . import protocol, services
 from .conf import app_settings
@@ -107,8 +112,8 @@ class NotificationStream:
     async def _start(self) -> AsyncIterator[bytes]:
         # The horizon first: a row committed after it is either in the unread state below or
         # (if later still) arrives live; it is never in neither.
-        horizon = await services.alatest_id()
-        state = await services.aunread_state(self.user_id)
+        horizon = await detached(services.alatest_id())
+        state = await detached(services.aunread_state(self.user_id))
         yield _bytes(protocol.unread_event(state.count, state.last_id))
         if self.last_event_id is None:
             self.synced = horizon
@@ -121,7 +126,9 @@ class NotificationStream:
         """Send the user's notifications in (synced, upto] from the database, in batches."""
         batch = max(app_settings.REPLAY_BATCH_SIZE, 1)
         while self.synced < upto:
-            events = await services.aevents_between(self.user_id, self.synced, upto, batch)
+            events = await detached(
+                services.aevents_between(self.user_id, self.synced, upto, batch)
+            )
             if events:
                 metrics().notifications_delivered.inc(len(events))
                 yield _bytes("".join(protocol.notification_event(i, d) for i, d in events))
@@ -153,7 +160,7 @@ class NotificationStream:
 
     async def _handle(self, item: Range | UnreadChanged) -> AsyncIterator[bytes]:
         if isinstance(item, UnreadChanged):
-            state = await services.aunread_state(self.user_id)
+            state = await detached(services.aunread_state(self.user_id))
             yield _bytes(protocol.unread_event(state.count, state.last_id))
             return
         if item.upto <= self.synced:

@@ -17,6 +17,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_GET, require_POST
 
 from realtime_kit.responses import json_error
+from realtime_kit.threads import detached
 
 from . import protocol, services
 from .conf import app_settings
@@ -54,7 +55,9 @@ def _user(request: HttpRequest) -> User:
 @require_GET
 async def stream(request: HttpRequest) -> HttpResponseBase:
     """The user's notifications as Server-Sent Events (docs/protocol.md)."""
-    user = await request.auser()
+    # Loaded on the shared thread, like every read of the stream: the request's own thread
+    # would keep the session's database connection open for as long as the stream lasts.
+    user = await detached(request.auser())
     if not user.is_authenticated:
         return _unauthenticated()
     raw = request.headers.get("Last-Event-ID")

@@ -30,7 +30,14 @@ from chat.mentions import mentioned_usernames
 from chat.models import Membership, MentionLog, Room
 from notifications import anotify, notify, protocol, services
 from notifications.checks import check_notifications_settings
-from notifications.hub import UNKNOWN_START, Range, Subscription, UnreadChanged, get_hub
+from notifications.hub import (
+    UNKNOWN_START,
+    Ended,
+    Range,
+    Subscription,
+    UnreadChanged,
+    get_hub,
+)
 from notifications.models import Notification
 from notifications.streams import active_streams
 
@@ -472,6 +479,21 @@ async def test_a_subscription_that_overflows_falls_back_to_the_database() -> Non
     sub.put(UnreadChanged())  # coalesced
     items = [await sub.get() for _ in range(sub.pending())]
     assert items == [Range(UNKNOWN_START, 4, None), Range(4, 5, [(5, "{}")]), UnreadChanged()]
+
+
+async def test_a_waiting_subscription_wakes_for_an_item_and_ends_before_what_is_queued() -> None:
+    sub = Subscription(user_id=1, limit=3)
+    waiting = asyncio.ensure_future(sub.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    sub.put(Range(0, 1, [(1, "{}")]))
+    assert await asyncio.wait_for(waiting, 5) == Range(0, 1, [(1, "{}")])
+    waiting = asyncio.ensure_future(sub.get())
+    await asyncio.sleep(0)
+    sub.end()
+    assert await asyncio.wait_for(waiting, 5) == Ended()
+    sub.put(Range(1, 2, [(2, "{}")]))  # ignored once ended
+    assert await sub.get() == Ended() and sub.pending() == 0
 
 
 # --- admin ---------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ class InboundGate:
         self.high_bytes = high_bytes
         self.waiting_bytes = 0
         # Sizes of the waiting messages, in the queue's own (FIFO) order: each is measured once.
-        self._sizes: deque[int] = deque()
+        # Made for a message and dropped once none waits: an empty deque is ~760 bytes, and an
+        # idle socket has nothing waiting (daphne queues websocket.connect through here too).
+        self._sizes: deque[int] | None = None
         self.paused = False
         self._put_nowait = queue.put_nowait
         # Daphne calls queue.put_nowait for every client message: count it on the way in.
@@ -47,6 +49,8 @@ class InboundGate:
     def _counted_put(self, message: Message) -> None:
         self._put_nowait(message)
         size = _size(message)
+        if self._sizes is None:
+            self._sizes = deque()
         self._sizes.append(size)
         self.waiting_bytes += size
         if not self.paused and self.waiting_bytes > self.high_bytes:
@@ -55,7 +59,10 @@ class InboundGate:
 
     async def receive(self) -> Message:
         message = await self.queue.get()
-        self.waiting_bytes -= self._sizes.popleft() if self._sizes else 0
+        if self._sizes:
+            self.waiting_bytes -= self._sizes.popleft()
+            if not self._sizes:
+                self._sizes = None
         if self.paused and self.waiting_bytes <= self.high_bytes // 2:
             self.paused = False
             self.transport.resumeProducing()
