@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -401,8 +402,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         if isinstance(frame, protocol.FrameError):
             self._error(frame.code, frame.message, frame.client_id, frame.seq)
-        elif isinstance(frame, protocol.SendMessage):
-            await self._handle_message(frame)
         elif isinstance(frame, protocol.Ping):
             await self._handle_ping()
         elif isinstance(frame, protocol.Resume):
@@ -442,14 +441,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         task.add_done_callback(self._send_answered)
 
     def _send_answered(self, task: asyncio.Task[None]) -> None:
-        # Tasks end in order (each awaits the one before), so this is the oldest.
-        if self._pending and self._pending[0] is task:
-            self._pending.popleft()
-        else:
-            try:
-                self._pending.remove(task)
-            except ValueError:
-                pass
+        # Usually the oldest (each awaits the one before); cancelled ones end in any order.
+        with contextlib.suppress(ValueError):
+            self._pending.remove(task)
 
     async def _settle(self) -> None:
         """Wait until every send of this socket so far is answered."""

@@ -203,3 +203,27 @@ def page_errors() -> Iterator[list[str]]:
     errors: list[str] = []
     yield errors
     assert errors == []
+
+
+@pytest.fixture
+def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the batches ``services.post_messages`` was called with, in order (in-process
+    tests of group commit: ``chat.ingest`` calls it through ``apost_messages``)."""
+    # Imported here: Django's apps are not ready when pytest imports this module.
+    from channels.db import database_sync_to_async
+
+    from chat import ingest, services
+    from chat.services import PostRequest
+
+    sizes: list[int] = []
+    real = services.post_messages
+
+    def counting(
+        room_id: int, requests: list[PostRequest], broadcasts: list[Any] | None = None
+    ) -> list[Any]:
+        sizes.append(len(requests))
+        return real(room_id, requests, broadcasts)
+
+    monkeypatch.setattr(services, "post_messages", counting)
+    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
+    return sizes

@@ -451,6 +451,22 @@ def run_django_script(script: str, env: dict[str, str], *args: str, timeout: flo
     return result.stdout
 
 
+_STAFF_SCRIPT = """
+import django, sys
+django.setup()
+from django.contrib.auth import get_user_model
+user, _ = get_user_model().objects.get_or_create(username=sys.argv[1])
+user.is_staff = user.is_superuser = True
+user.set_password(sys.argv[2])
+user.save()
+"""
+
+
+def create_superuser(env: dict[str, str], username: str, password: str) -> None:
+    """A staff superuser in ``env``'s database, for tests that drive the admin."""
+    run_django_script(_STAFF_SCRIPT, env, username, password)
+
+
 def prepare_database(env: dict[str, str]) -> None:
     """Migrate the database ``env`` points at; create alice, bob, carol, lobby and secret."""
     payload = json.dumps({"usernames": USERNAMES, "password": TEST_PASSWORD})

@@ -13,7 +13,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth.models import User
 from django.test import override_settings
 
-from chat import ingest, protocol, services
+from chat import ingest, protocol
 from chat.models import Room
 from chat.services import PostRequest, PostResult
 from tests.test_consumer import (
@@ -89,22 +89,6 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     g = Gate()
     monkeypatch.setattr(ingest, "submit", g.submit)
     yield g
-
-
-@pytest.fixture
-def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the batches services.post_messages was called with, in order."""
-    sizes: list[int] = []
-    real = services.post_messages
-
-    def counting(
-        room_id: int, requests: list[PostRequest], broadcasts: list[Any] | None = None
-    ) -> list[Any]:
-        sizes.append(len(requests))
-        return real(room_id, requests, broadcasts)
-
-    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
-    return sizes
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:

@@ -5,28 +5,15 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-import textwrap
 
 import httpx
 import pytest
 
-from tests.servers import ChatClient, DaphneServer, login, run_django_script
+from tests.servers import ChatClient, DaphneServer, create_superuser, login
 
 pytestmark = [pytest.mark.e2e]
 
 WAIT_SECONDS = 10.0  # presence converges within its bounds; generous for a loaded machine
-
-_STAFF_SCRIPT = textwrap.dedent(
-    """
-    import django, sys
-    django.setup()
-    from django.contrib.auth import get_user_model
-    user, _ = get_user_model().objects.get_or_create(username="root")
-    user.is_staff = user.is_superuser = True
-    user.set_password(sys.argv[1])
-    user.save()
-    """
-)
 
 
 def online_cell(page: str, slug: str) -> str:
@@ -42,7 +29,7 @@ def online_cell(page: str, slug: str) -> str:
 async def test_room_changelist_counts_users_and_sockets_live(
     daphne: DaphneServer, sqlite_env: dict[str, str]
 ) -> None:
-    run_django_script(_STAFF_SCRIPT, sqlite_env, "root-pw-1")
+    create_superuser(sqlite_env, "root", "root-pw-1")
     alice, bob = await login(daphne.base_url, "alice"), await login(daphne.base_url, "bob")
     sockets = [
         await ChatClient.open(daphne, alice),

@@ -17,6 +17,7 @@ from tests.servers import (
     ChatClient,
     DaphneServer,
     RedisServer,
+    create_superuser,
     login,
     run_django_script,
     ws_connect,
@@ -27,16 +28,11 @@ pytestmark = [pytest.mark.e2e]
 # Revocation must reach open sockets within 1 s; the tests allow for a loaded machine.
 REVOKE_TIMEOUT_SECONDS = 3.0
 
-_STAFF_SCRIPT = textwrap.dedent(
+_MEMBERSHIP_SCRIPT = textwrap.dedent(
     """
-    import django, json, sys
+    import django, json
     django.setup()
-    from django.contrib.auth import get_user_model
     from chat.models import Membership
-    user, _ = get_user_model().objects.get_or_create(username="root")
-    user.is_staff = user.is_superuser = True
-    user.set_password(sys.argv[1])
-    user.save()
     membership = Membership.objects.get(room__slug="secret", user__username="alice")
     print(json.dumps({"membership": membership.pk}))
     """
@@ -78,7 +74,8 @@ async def still_open(client: ChatClient) -> bool:
 async def test_removing_a_member_in_the_admin_closes_their_socket(
     daphne: DaphneServer, sqlite_env: dict[str, str]
 ) -> None:
-    ids = json.loads(run_django_script(_STAFF_SCRIPT, sqlite_env, "root-pw-1"))
+    create_superuser(sqlite_env, "root", "root-pw-1")
+    ids = json.loads(run_django_script(_MEMBERSHIP_SCRIPT, sqlite_env))
     cookie = await login(daphne.base_url, "alice")
     secret = await ws_connect(daphne, "/ws/chat/secret/", cookie)
     lobby = await ChatClient.open(daphne, cookie)

@@ -34,23 +34,6 @@ def stored(room: Room) -> list[tuple[int, str]]:
     return list(Message.objects.filter(room=room).order_by("seq").values_list("seq", "text"))
 
 
-@pytest.fixture
-def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the batches services.post_messages was called with, in order."""
-    sizes: list[int] = []
-    real = services.post_messages
-
-    def counting(
-        room_id: int, requests: list[PostRequest], broadcasts: list[Any] | None = None
-    ) -> list[Any]:
-        sizes.append(len(requests))
-        return real(room_id, requests, broadcasts)
-
-    monkeypatch.setattr(services, "post_messages", counting)
-    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
-    return sizes
-
-
 async def test_concurrent_sends_share_one_transaction_with_consecutive_seqs(
     transactions: list[int],
 ) -> None:
