@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -334,7 +335,9 @@ async def run_db(
                 args.slow_rate,
             ),
         ]
-    if db == "sqlite":
+    if db == "sqlite" and shutil.which("sqlite3") is None:
+        print("sqlite3 CLI (reference) skipped: no sqlite3 on PATH (apt-get install sqlite3)")
+    elif db == "sqlite":
         results.append(sqlite_cli(env["SQLITE_PATH"], rows))
         print(results[-1].line(), flush=True)
     for case, app, path, rate in cases:
