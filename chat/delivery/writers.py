@@ -48,7 +48,9 @@ class Packed:
     @functools.cached_property
     def frame(self) -> bytes:
         """The whole WebSocket frame a server sends (unmasked, not compressed), built once
-        however many sockets get it. Only daphne's writer uses it."""
+        however many sockets get it. Only daphne's writer uses it. Bound: one copy of
+        ``data`` plus a 2 to 10 byte header (``data`` is at most ``CHAT_MAX_SEND_BYTES``), cached
+        on this Packed and freed with it once the batch is written."""
         # Imported here: only a running daphne has autobahn loaded.
         from autobahn.websocket.protocol import PreparedMessage
 
