@@ -35,7 +35,7 @@ from django.db import DatabaseError
 from realtime_kit import drain, sse
 from realtime_kit.leases import Lease, StoreConfig, UserLimit
 from realtime_kit.metrics import metrics
-from realtime_kit.threads import detached
+from realtime_kit.threads import detached, release_request_thread
 
 from . import protocol, services
 from .conf import app_settings
@@ -93,6 +93,9 @@ class NotificationStream:
         gauge = metrics().sse_streams_open
         gauge.inc()
         try:
+            # The request's own thread is idle from here on (every read below is detached):
+            # ending it saves ~22 KiB per held stream.
+            release_request_thread()
             # Headers and the first bytes go out at once (daphne sends headers with the body).
             yield _bytes(sse.encode_retry(app_settings.RETRY_MILLISECONDS))
             sub = await hub.subscribe(self.user_id)

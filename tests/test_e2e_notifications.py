@@ -406,6 +406,39 @@ async def test_disconnects_release_streams(server: DaphneServer) -> None:
     assert "Traceback" not in server.log_tail(20000)
 
 
+def server_threads(server: DaphneServer) -> int:
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
+async def test_held_streams_keep_no_thread_each(server: DaphneServer) -> None:
+    # Django gives every request a thread of its own until the response ends (~22 KiB each);
+    # a stream's body ends it once it starts (realtime_kit.threads.release_request_thread).
+    held = 8
+    async with session(server, "alice") as alice, session(server, STAFF) as staff:
+        async with alice.stream() as warm:  # the server's own threads, started once
+            await warm.unread()
+        before = server_threads(server)
+        async with contextlib.AsyncExitStack() as stack:
+            streams = []
+            for _ in range(held):
+                stream = await stack.enter_async_context(alice.stream())
+                await stream.unread()
+                streams.append(stream)
+            during = server_threads(server)
+            assert during - before < held // 2, f"{before} threads, {during} with {held} streams"
+            await staff.send("alice", "threadless")
+            for stream in streams:
+                assert (await stream.notification(WAIT))["title"] == "threadless"
+        # The end of each response (Django's response.close() on a fresh thread) still runs:
+        # every place is free again and nothing failed.
+        async with contextlib.AsyncExitStack() as stack:
+            streams, extra = await open_streams(alice, 10, stack)
+            assert extra.status_code == 429
+    assert "Traceback" not in server.log_tail(20000)
+
+
 async def test_cli_notify_reaches_open_stream_through_the_database(
     start_daphne: Callable[..., DaphneServer], env: dict[str, str]
 ) -> None:
