@@ -61,6 +61,10 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_SEARCH_PAGE_SIZE": app_settings.SEARCH_PAGE_SIZE,
         "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,
         "CHAT_SEARCH_MAX_QUERY_CHARS": app_settings.SEARCH_MAX_QUERY_CHARS,
+        "CHAT_SEARCH_RATE_LIMIT": app_settings.SEARCH_RATE_LIMIT,
+        "CHAT_SEARCH_RATE_LIMIT_WINDOW_SECONDS": app_settings.SEARCH_RATE_LIMIT_WINDOW_SECONDS,
+        "CHAT_EDIT_RATE_LIMIT": app_settings.EDIT_RATE_LIMIT,
+        "CHAT_EDIT_RATE_LIMIT_WINDOW_SECONDS": app_settings.EDIT_RATE_LIMIT_WINDOW_SECONDS,
         "CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS": app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS,
     }
     errors.extend(kit_checks.positive_errors(positive, "chat.E001"))

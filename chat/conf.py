@@ -409,5 +409,15 @@ class ChatSettings:
         """Longest search query ``q``, in characters; a longer one is refused (400)."""
         return int(self._get("SEARCH_MAX_QUERY_CHARS", 200))
 
+    @property
+    def SEARCH_RATE_LIMIT(self) -> int:
+        """Searches a user may run (both endpoints, all rooms and tabs) per search window."""
+        return int(self._get("SEARCH_RATE_LIMIT", 30))
+
+    @property
+    def SEARCH_RATE_LIMIT_WINDOW_SECONDS(self) -> float:
+        """Length of the sliding window of ``SEARCH_RATE_LIMIT``, in seconds."""
+        return float(self._get("SEARCH_RATE_LIMIT_WINDOW_SECONDS", 60.0))
+
 
 app_settings = ChatSettings()

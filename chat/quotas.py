@@ -10,6 +10,9 @@ chat/assistant/quotas.py, on the same store:
   only guards against a runaway client, and Redis being down must not lock people out.
 - ``<prefix>:edits:<user id>``: message edits and deletes in the rate window (``edits``).
   Fails **open**: an edit costs one small transaction, like a message.
+- ``<prefix>:searches:<user id>``: searches in the rate window (``searches``). A search is the
+  costliest read a user can ask for (a substring scan on a big room takes seconds). Fails
+  **open**, like edits: Redis being down must not take search away.
 
 The consumer holds a socket's place from connect to disconnect::
 
@@ -26,7 +29,7 @@ from realtime_kit.rates import UserRate
 
 from .conf import app_settings
 
-__all__ = ["StoreUnavailable", "edits", "sockets", "store"]
+__all__ = ["StoreUnavailable", "edits", "searches", "sockets", "store"]
 
 
 def store() -> StoreConfig:
@@ -43,5 +46,13 @@ edits = UserRate(
     store=store,
     limit=lambda: app_settings.EDIT_RATE_LIMIT,
     window_seconds=lambda: app_settings.EDIT_RATE_LIMIT_WINDOW_SECONDS,
+    fail_open=True,
+)
+
+searches = UserRate(
+    "searches",
+    store=store,
+    limit=lambda: app_settings.SEARCH_RATE_LIMIT,
+    window_seconds=lambda: app_settings.SEARCH_RATE_LIMIT_WINDOW_SECONDS,
     fail_open=True,
 )

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, cast
 
+from asgiref.sync import async_to_sync
 from django.contrib.auth.views import redirect_to_login
 from django.db import DatabaseError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from . import search, services
+from . import quotas, search, services
 from .api import UNAVAILABLE_RETRY_SECONDS, BadParameter, error_response
 from .conf import app_settings
 from .models import Room
@@ -37,6 +39,11 @@ def _respond(request: HttpRequest, rooms: Any, room: Room | None) -> HttpRespons
             context = {"room": room, "q": request.GET.get("q", "")[:200], "error": str(exc)}
             return render(request, "chat/search.html", context, status=400)
         return error_response(400, "bad_request", str(exc))
+    # Counted once the request is valid, before the query runs: a search can scan a room.
+    # Only called for a logged-in user (both views check first).
+    wait = async_to_sync(quotas.searches.hit)(cast(int, request.user.pk))
+    if wait > 0:
+        return _rate_limited(request, room, wait)
     try:
         page = search.search_page(rooms, params)
     except DatabaseError:
@@ -46,6 +53,19 @@ def _respond(request: HttpRequest, rooms: Any, room: Room | None) -> HttpRespons
     if html:
         return render(request, "chat/search.html", {"room": room, **page})
     return JsonResponse(page, json_dumps_params={"ensure_ascii": False})
+
+
+def _rate_limited(request: HttpRequest, room: Room | None, wait: float) -> HttpResponse:
+    limit = app_settings.SEARCH_RATE_LIMIT
+    window = app_settings.SEARCH_RATE_LIMIT_WINDOW_SECONDS
+    message = f"At most {limit} searches per {window:g} s; retry later."
+    if _wants_html(request):
+        context = {"room": room, "q": request.GET.get("q", "")[:200], "error": message}
+        response = render(request, "chat/search.html", context, status=429)
+    else:
+        response = error_response(429, "rate_limited", message)
+    response["Retry-After"] = str(max(1, math.ceil(wait)))
+    return response
 
 
 def _unauthenticated(request: HttpRequest) -> HttpResponse:

@@ -74,6 +74,16 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Any:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_memory_limits() -> None:
+    """Per-user counts in this process start empty for each test: user ids repeat in every
+    test database, so one test's searches or edits must not count against the next's."""
+    from realtime_kit import limit_stores
+
+    limit_stores._lease_stores.pop("", None)
+    limit_stores._rate_stores.pop("", None)
+
+
+@pytest.fixture(autouse=True)
 def _forget_daphne_logs() -> None:
     """Attach only this test's daphne logs to its failure report."""
     servers.started_daphnes.clear()

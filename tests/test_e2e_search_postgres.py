@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from chat import search
-from tests.servers import ChatClient, DaphneServer, login, seed_messages
+from tests.servers import ChatClient, DaphneServer, RedisServer, login, seed_messages
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -49,6 +49,36 @@ async def test_full_text_search_members_only(
     assert [r["room"] for r in everywhere] == ["lobby"]
     everywhere = (await get_json(server, alice, "/chat/search/", q="deploy")).json()["results"]
     assert [r["room"] for r in everywhere] == ["secret", "lobby"]
+
+
+@pytest.mark.redis
+async def test_a_search_loop_is_cut_off_across_processes(
+    start_daphne: Callable[..., DaphneServer],
+    postgres_env: dict[str, str],
+    redis_server: RedisServer,
+) -> None:
+    # An attacker spreads a search loop over both processes of a site: the budget is the
+    # user's, counted in Redis, and other users keep searching.
+    env = {
+        **postgres_env,
+        "REDIS_URL": redis_server.url,
+        "CHAT_SEARCH_RATE_LIMIT": "6",
+        "CHAT_SEARCH_RATE_LIMIT_WINDOW_SECONDS": "300",
+    }
+    a, b = start_daphne(env), start_daphne(env)
+    mallory = await login(a.base_url, "alice")
+    statuses = []
+    for n in range(20):
+        server = (a, b)[n % 2]
+        response = await get_json(server, mallory, "/chat/search/", q=f"deploy {n}")
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "rate_limited"
+            assert 1 <= int(response.headers["Retry-After"]) <= 300
+    assert statuses == [200] * 6 + [429] * 14
+    bob = await login(b.base_url, "bob")
+    assert (await get_json(a, bob, "/chat/search/", q="deploy")).status_code == 200
+    assert (await get_json(b, bob, "/chat/lobby/search/", q="deploy")).status_code == 200
 
 
 def test_the_shipped_query_uses_the_gin_index(postgres_env: dict[str, str]) -> None:

@@ -3,6 +3,8 @@ HTML page. tests/test_e2e_search_postgres.py runs the full-text path."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client, override_settings
@@ -152,3 +154,51 @@ def test_html_page_escapes_and_links(alice: User, rooms: tuple[Room, Room]) -> N
 
 def test_sqlite_uses_the_substring_fallback() -> None:
     assert search.uses_full_text() is False
+
+
+def test_searches_are_rate_limited_per_user_across_rooms(
+    alice: User, bob: User, rooms: tuple[Room, Room]
+) -> None:
+    # An attacker loops on the costliest read there is; each user has a budget of their own.
+    client = login(alice)
+    with override_settings(CHAT_SEARCH_RATE_LIMIT=3, CHAT_SEARCH_RATE_LIMIT_WINDOW_SECONDS=120):
+        assert client.get("/chat/search/", {"q": "deploy"}).status_code == 200
+        assert client.get("/chat/lobby/search/", {"q": "deploy"}).status_code == 200
+        assert client.get("/chat/secret/search/", {"q": "plan"}).status_code == 200
+        refused = client.get("/chat/lobby/search/", {"q": "deploy"})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert "3 searches per 120 s" in refused.json()["error"]["message"]
+        assert 1 <= int(refused["Retry-After"]) <= 120
+        page = client.get("/chat/search/", {"q": "deploy", "format": "html"})
+        assert page.status_code == 429 and "3 searches per 120 s" in page.content.decode()
+        assert int(page["Retry-After"]) >= 1
+        # Invalid requests cost nothing and are still told what is wrong.
+        assert client.get("/chat/search/", {"q": ""}).status_code == 400
+        # Another user is not affected.
+        assert login(bob).get("/chat/search/", {"q": "deploy"}).status_code == 200
+
+
+def test_refused_searches_do_not_extend_the_wait(alice: User, rooms: object) -> None:
+    # A client hammering at the limit is let in again once its last allowed search leaves
+    # the window: refusals are not counted (else it would lock itself out for as long as
+    # it keeps trying).
+    client = login(alice)
+    with override_settings(CHAT_SEARCH_RATE_LIMIT=1, CHAT_SEARCH_RATE_LIMIT_WINDOW_SECONDS=2):
+        assert client.get("/chat/search/", {"q": "deploy"}).status_code == 200
+        time.sleep(1.0)
+        for _ in range(20):
+            assert client.get("/chat/search/", {"q": "deploy"}).status_code == 429
+        time.sleep(1.1)  # the allowed search is out of the window; the refusals would not be
+        assert client.get("/chat/search/", {"q": "deploy"}).status_code == 200
+
+
+@override_settings(CHAT_SEARCH_RATE_LIMIT=0, CHAT_EDIT_RATE_LIMIT_WINDOW_SECONDS=-1)
+def test_rate_limits_must_be_positive() -> None:
+    from chat.checks import check_chat_settings
+
+    messages = {m.msg for m in check_chat_settings() if m.id == "chat.E001"}
+    assert messages == {
+        "CHAT_SEARCH_RATE_LIMIT must be positive, got 0.",
+        "CHAT_EDIT_RATE_LIMIT_WINDOW_SECONDS must be positive, got -1.0.",
+    }
