@@ -36,7 +36,6 @@ def get_asgi_application(
 
     django_app = django_asgi_application()
 
-    from channels.auth import AuthMiddlewareStack
     from channels.routing import ProtocolTypeRouter, URLRouter
     from django.apps import apps
     from django.conf import settings
@@ -44,6 +43,7 @@ def get_asgi_application(
     from .backpressure import DaphneBackpressure
     from .not_found import not_found_route
     from .origin import CsrfOriginValidator
+    from .session_auth import SessionAuthMiddleware
 
     http_app: Any = django_app
     if serve_static if serve_static is not None else settings.DEBUG:
@@ -61,9 +61,13 @@ def get_asgi_application(
             # daphne's write buffer; under other servers it passes straight through.
             "http": DaphneBackpressure(http_app),
             # Django's CSRF origin rule for handshakes (realtime_kit/origin.py), the session
-            # user in scope["user"], and 4404 for a path no route matches.
+            # user in scope["user"] (AuthMiddlewareStack's, in one layer; the host's own
+            # consumers also get its scope["cookies"]), and 4404 for a path no route matches.
             "websocket": CsrfOriginValidator(
-                AuthMiddlewareStack(URLRouter([*routes, not_found_route()]))
+                SessionAuthMiddleware(
+                    URLRouter([*routes, not_found_route()]),
+                    cookies=bool(websocket_urlpatterns),
+                )
             ),
         }
     )

@@ -106,7 +106,8 @@ def check_asgi_application(app_configs: Any = None, **kwargs: Any) -> list[Check
         errors.append(
             Error(
                 f"The WebSockets of {settings.ASGI_APPLICATION} are not wrapped in "
-                "channels.auth.AuthMiddlewareStack: every chat socket is closed with 4401.",
+                "channels.auth.AuthMiddlewareStack (or realtime_kit.session_auth."
+                "SessionAuthMiddleware): every chat socket is closed with 4401.",
                 hint=WIRING_HINT,
                 id="realtime_kit.E003",
             )
