@@ -57,6 +57,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_ASSISTANT_HEARTBEAT_SECONDS": app_settings.ASSISTANT_HEARTBEAT_SECONDS,
         "CHAT_ASSISTANT_TAKEOVER_SECONDS": app_settings.ASSISTANT_TAKEOVER_SECONDS,
         "CHAT_ROOM_LIST_POLL_SECONDS": app_settings.ROOM_LIST_POLL_SECONDS,
+        "CHAT_ROOM_LIST_PAGE_SIZE": app_settings.ROOM_LIST_PAGE_SIZE,
         "CHAT_MAX_OWNED_ROOMS": app_settings.MAX_OWNED_ROOMS,
         "CHAT_SEARCH_PAGE_SIZE": app_settings.SEARCH_PAGE_SIZE,
         "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,

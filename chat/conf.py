@@ -395,6 +395,11 @@ class ChatSettings:
         return float(self._get("ROOM_LIST_POLL_SECONDS", 10.0))
 
     @property
+    def ROOM_LIST_PAGE_SIZE(self) -> int:
+        """Rooms per page of ``GET /chat/api/rooms/`` and of the room list page (most)."""
+        return int(self._get("ROOM_LIST_PAGE_SIZE", 200))
+
+    @property
     def SEARCH_PAGE_SIZE(self) -> int:
         """Results per page of the search endpoints when the client gives no ``limit``."""
         return int(self._get("SEARCH_PAGE_SIZE", 20))

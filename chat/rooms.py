@@ -176,6 +176,15 @@ def room_list(user: AnyUser) -> QuerySet[Room]:
     return _with_counts(services.rooms_with_unread(user)).order_by("slug")
 
 
+def room_page(user: AnyUser, after: str | None, limit: int) -> tuple[list[Room], bool]:
+    """At most ``limit`` rooms of room_list after slug ``after``, and whether more follow."""
+    rooms = room_list(user)
+    if after is not None:
+        rooms = rooms.filter(slug__gt=after)
+    page = list(rooms[: limit + 1])
+    return page[:limit], len(page) > limit
+
+
 def room_info(user: AnyUser, room: Room) -> Room:
     """``room`` annotated like room_list (unread 0 for staff outside a private room)."""
     found = room_list(user).filter(pk=room.pk).first()

@@ -37,6 +37,9 @@ UNAUTHENTICATED = "unauthenticated"  # 401
 CSRF_FAILED = "csrf_failed"  # 403
 
 _SLUG = re.compile(r"[-a-z0-9_]+")
+# Any slug a room may have (the model's SlugField: admin-made rooms may have capitals).
+_ANY_SLUG = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+_LIMIT = re.compile(r"[0-9]{1,6}")
 # Slugs the chat URLs use themselves: such a room's page would be shadowed.
 RESERVED_SLUGS = frozenset({"api", "search", "assistant"})
 
@@ -112,6 +115,25 @@ def parse_slug(value: str) -> str:
     if value in RESERVED_SLUGS:
         raise BadBody(BAD_REQUEST, f"The slug {value!r} is reserved.", "slug")
     return value
+
+
+@dataclass(frozen=True)
+class ListParams:
+    after: str | None  # the page starts after this slug (keyset)
+    limit: int
+
+
+def parse_list_params(query: Any, *, page_size: int) -> ListParams:
+    """``after`` and ``limit`` of ``GET /chat/api/rooms/``; ``limit`` is cut to ``page_size``."""
+    after = query.get("after") or None
+    if after is not None and not _ANY_SLUG.fullmatch(after):
+        raise BadBody(BAD_REQUEST, "after must be a room slug.", "after")
+    raw = query.get("limit")
+    if raw is None or raw == "":
+        return ListParams(after, page_size)
+    if not _LIMIT.fullmatch(raw) or int(raw) < 1:
+        raise BadBody(BAD_REQUEST, f"limit must be a positive integer, got {raw[:20]!r}.", "limit")
+    return ListParams(after, min(int(raw), page_size))
 
 
 def parse_new_room(body: bytes) -> NewRoom:

@@ -16,6 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import rooms, services
 from . import rooms_protocol as rp
 from .api import UNAVAILABLE_RETRY_SECONDS, error_response
+from .conf import app_settings
 from .models import Room
 
 _View = Callable[..., HttpResponse]
@@ -109,8 +110,16 @@ def _json(data: dict[str, Any], status: int = 200) -> JsonResponse:
 def rooms_collection(request: HttpRequest) -> HttpResponse:
     """GET: the rooms the user may read, with unread counts. POST: create a room."""
     if request.method == "GET":
-        listed = [_room_json(room) for room in rooms.room_list(request.user)]
-        return _json({"rooms": listed, "may_create": rooms.may_create(request.user)})
+        params = rp.parse_list_params(request.GET, page_size=app_settings.ROOM_LIST_PAGE_SIZE)
+        page, has_more = rooms.room_page(request.user, params.after, params.limit)
+        return _json(
+            {
+                "rooms": [_room_json(room) for room in page],
+                "may_create": rooms.may_create(request.user),
+                "has_more": has_more,
+                "next_after": page[-1].slug if has_more else None,
+            }
+        )
     if not rooms.may_create(request.user):
         return error_response(403, rp.FORBIDDEN, "You may not create rooms.")
     new = rp.parse_new_room(_body(request))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
@@ -12,6 +14,7 @@ from django.views.decorators.http import require_GET
 from realtime_kit.metrics import ametrics_response
 
 from . import protocol, rooms, services
+from . import rooms_protocol as rp
 from .api import BadParameter, error_response, parse_int, unavailable_on_database_error
 from .conf import app_settings
 from .export import RoomSnapshot, export_response, parse_format
@@ -23,8 +26,22 @@ from .routing import room_ws_path
 
 @login_required
 def room_list(request: HttpRequest) -> HttpResponse:
+    page_size = app_settings.ROOM_LIST_PAGE_SIZE
+    try:
+        params = rp.parse_list_params(request.GET, page_size=page_size)
+    except rp.BadBody:
+        # A hand-edited address: the first page, rather than an error page.
+        params = rp.ListParams(None, page_size)
+    page, has_more = rooms.room_page(request.user, params.after, params.limit)
+    # The page polls the API for the same rooms it shows (badges, renames).
+    api_url = reverse("chat:api_rooms")
+    if params.after is not None:
+        api_url += "?" + urlencode({"after": params.after})
     context = {
-        "rooms": rooms.room_list(request.user),
+        "rooms": page,
+        "after": params.after,
+        "next_after": page[-1].slug if has_more else None,
+        "api_url": api_url,
         "may_create": rooms.may_create(request.user),
         "poll_seconds": app_settings.ROOM_LIST_POLL_SECONDS,
     }

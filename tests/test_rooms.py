@@ -312,6 +312,77 @@ def test_room_list_page_caps_the_badge(alice: User, secret: Room) -> None:
     assert call(csrf_client(alice), "GET", API)[1]["rooms"][0]["unread"] == 150
 
 
+def _many_rooms(count: int, private_every: int = 0, member: User | None = None) -> None:
+    Room.objects.bulk_create(
+        Room(
+            slug=f"r{n:03d}",
+            title=f"Room {n}",
+            is_private=bool(private_every) and n % private_every == 0,
+        )
+        for n in range(count)
+    )
+    if member is not None and private_every:
+        private = Room.objects.filter(is_private=True, slug__startswith="r").order_by("slug")
+        Membership.objects.bulk_create(Membership(room=r, user=member) for r in private[:2])
+
+
+def test_the_room_list_comes_in_bounded_pages_that_walk_every_room(alice: User, bob: User) -> None:
+    # A site with more rooms than a page: every poll of every tab reads one page, not all.
+    _many_rooms(25, private_every=5, member=bob)
+    client = csrf_client(bob)
+    with override_settings(CHAT_ROOM_LIST_PAGE_SIZE=10):
+        seen: list[str] = []
+        after: str | None = None
+        pages = 0
+        while True:
+            path = API if after is None else f"{API}?after={after}"
+            status, body = call(client, "GET", path)
+            assert status == 200 and len(body["rooms"]) <= 10
+            seen += [room["slug"] for room in body["rooms"]]
+            pages += 1
+            if not body["has_more"]:
+                assert body["next_after"] is None
+                break
+            after = body["next_after"]
+            assert after == body["rooms"][-1]["slug"]
+        # limit only lowers the page size.
+        assert len(call(client, "GET", f"{API}?limit=3")[1]["rooms"]) == 3
+        assert len(call(client, "GET", f"{API}?limit=500")[1]["rooms"]) == 10
+    visible = sorted(
+        slug
+        for slug, private in Room.objects.values_list("slug", "is_private")
+        if not private or slug in ("r000", "r005")
+    )
+    assert seen == visible and pages == 3  # 20 public + bob's 2 private, once each, in order
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["after=bad%20slug", "after=" + "a" * 65, "limit=0", "limit=-1", "limit=x", "limit=1e3"],
+)
+def test_bad_room_list_params_are_400(alice: User, query: str) -> None:
+    status, body = call(csrf_client(alice), "GET", f"{API}?{query}")
+    assert status == 400 and body["error"]["code"] == "bad_request"
+    assert body["error"]["field"] == query.split("=")[0]
+
+
+def test_the_room_list_page_links_to_the_next_page_and_polls_its_own(alice: User) -> None:
+    _many_rooms(15)
+    client = csrf_client(alice)
+    with override_settings(CHAT_ROOM_LIST_PAGE_SIZE=10):
+        first = client.get("/chat/").content.decode()
+        assert first.count('<li data-room="') == 10
+        assert 'href="/chat/?after=r009"' in first and 'data-testid="rooms-first"' not in first
+        assert 'data-api-url="/chat/api/rooms/"' in first
+        second = client.get("/chat/?after=r009").content.decode()
+        assert second.count('<li data-room="') == 5
+        assert 'data-testid="rooms-more"' not in second
+        assert 'data-testid="rooms-first"' in second
+        assert 'data-api-url="/chat/api/rooms/?after=r009"' in second
+        # A hand-edited address shows the first page.
+        assert client.get("/chat/?after=no%20such").content.decode().count('<li data-room="') == 10
+
+
 def test_styled_error_pages(alice: User) -> None:
     # pytest-django runs with DEBUG off: these are the pages users see.
     response = csrf_client(alice).get("/chat/no-such-room/")
