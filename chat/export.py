@@ -142,7 +142,10 @@ def escape_line_breaks(data: bytes) -> bytes:
     # UTF-8 is self-synchronising: these byte sequences occur only as these characters, so
     # a bytes replace over a whole page is exact, and far cheaper than str.translate per line.
     for raw, escaped in LINE_BREAK_BYTES:
-        if raw in data:
+        # A search for the last byte first (memchr): ``raw in data`` with these needles costs
+        # ~250 ns per 230-byte row, as much as encoding the row (measured), and this byte is
+        # absent from most pages (all-ASCII ones, and most others).
+        if raw[-1:] in data and raw in data:
             data = data.replace(raw, escaped)
     return data
 

@@ -382,3 +382,11 @@ def test_pages_shrink_when_rows_are_long() -> None:
     assert export.next_page_size(page(100, 100 * 4096), 2000) == export.TARGET_CHUNK_BYTES // 4096
     # Huge rows: never below one row.
     assert export.next_page_size(page(1, 10 * export.TARGET_CHUNK_BYTES), 2000) == 1
+
+
+def test_line_break_escapes_only_the_line_breaks() -> None:
+    # "è" is c3 a8: it ends in the last byte of U+2028's encoding (e2 80 a8), which the
+    # escape looks for first; it must be left alone, next to a real U+2028 or not.
+    assert export.escape_line_breaks("è".encode()) == "è".encode()
+    assert export.escape_line_breaks("è\u2028è\x85".encode()) == "è\\u2028è\\u0085".encode()
+    assert export.escape_line_breaks(b"plain ascii") == b"plain ascii"
