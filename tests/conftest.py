@@ -218,11 +218,9 @@ def page_errors() -> Iterator[list[str]]:
 @pytest.fixture
 def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the batches ``services.post_messages`` was called with, in order (in-process
-    tests of group commit: ``chat.ingest`` calls it through ``apost_messages``)."""
+    tests of group commit: ``chat.ingest`` looks it up at each call)."""
     # Imported here: Django's apps are not ready when pytest imports this module.
-    from channels.db import database_sync_to_async
-
-    from chat import ingest, services
+    from chat import services
     from chat.services import PostRequest
 
     sizes: list[int] = []
@@ -235,5 +233,4 @@ def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(room_id, requests, broadcasts)
 
     monkeypatch.setattr(services, "post_messages", counting)
-    monkeypatch.setattr(ingest, "apost_messages", database_sync_to_async(counting))
     return sizes

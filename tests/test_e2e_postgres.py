@@ -11,7 +11,15 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests.servers import ChatClient, DaphneServer, RedisServer, login, run_django_script
+from tests.servers import (
+    ChatClient,
+    DaphneServer,
+    RedisServer,
+    db_connections,
+    login,
+    run_django_script,
+)
+from tests.test_e2e_assistant_db import eventually
 
 pytestmark = [pytest.mark.e2e]
 
@@ -140,6 +148,33 @@ WORKERS_SCRIPT = textwrap.dedent(
     print(json.dumps(out))
     """
 )
+
+
+async def test_group_commit_lets_its_connection_go_once_the_room_is_quiet(
+    start_daphne: Callable[..., DaphneServer], postgres_env: dict[str, str]
+) -> None:
+    # Batches that follow one another share a connection; once the room's queue drains it
+    # is closed (CONN_MAX_AGE=0), even though the sender stays and nothing else touches the
+    # database afterwards.
+    # The assistant's sweeper (a query every CHAT_ASSISTANT_TAKEOVER_SECONDS / 2) would close
+    # the thread's connection too: not within this test.
+    env = {**postgres_env, "CHAT_ASSISTANT_TAKEOVER_SECONDS": "600"}
+    server = start_daphne(env)
+    sender = await ChatClient.open(server, await login(server.base_url, "alice"))
+    count = 60
+    for first in range(0, count, 20):  # 20 in flight per socket (CHAT_MAX_PENDING_SENDS)
+        await sender.send(
+            [
+                {"type": "message", "text": f"m{n}", "client_id": f"m{n}"}
+                for n in range(first, first + 20)
+            ]
+        )
+    await sender.wait_seq(count, timeout=30)
+    assert await eventually(lambda: db_connections(server, env) == 0, timeout=10), (
+        f"{db_connections(server, env)} connections held by an idle server"
+    )
+    assert sender.seqs() == list(range(1, count + 1))
+    await sender.close()
 
 
 @pytest.mark.parametrize(
