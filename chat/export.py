@@ -13,7 +13,9 @@ costs per row without changing a byte: the ORM writes the SQL but a plain cursor
 converters; SQLite datetimes are read as text and become isoformat by string edits), each
 author's username is read once per export (``UsernameCache``) instead of joined per row,
 frames are built from tuples and encoded in one pass per page, and CSV lines are formatted
-directly. Every row still equals ``protocol.message_frame``: an NDJSON line is the WebSocket
+directly. On SQLite an NDJSON line is written by SQLite itself (``sqlite_lines_sql``: the same
+bytes, checked; the Python path where it cannot be). Every row still equals
+``protocol.message_frame``: an NDJSON line is the WebSocket
 message frame (the same bytes but for three escaped line separators); a CSV row is the same
 fields, flattened. tests/test_export.py pins both; docs/protocol.md describes them.
 """
@@ -281,6 +283,95 @@ def _column(name: str, sqlite: bool) -> Any:
     return F(name)
 
 
+# --- NDJSON lines built by SQLite -----------------------------------------------------------
+#
+# On SQLite the database can write each NDJSON line itself: rows never become Python objects,
+# which is 2.4x the rows per CPU second of the Python path before any HTTP (bench/
+# export_floor.py, docs/benchmarks.md). The line must be the bytes the Python path writes:
+# json_quote() escapes exactly as orjson does (checked once per process on every ASCII
+# character and a few others, else this path is off), datetimes become isoformat by the same
+# string edits as iso_datetimes (a row in another shape makes its page take the Python path),
+# and the author's frame comes from a join. Hosts whose user model has a non-integer key or a
+# non-text USERNAME_FIELD, or whose database is not in UTC, use the Python path.
+
+_JSON_QUOTE_PROBE = "".join(map(chr, range(128))) + "\x85\u2028\u2029\ufeff\uffff😀 ✓ 東京"
+_json_quote_matches: dict[str, bool] = {}
+
+
+def _iso_sql(column: str) -> str:
+    # iso_datetimes' fast path in SQL; NULL (the page goes the Python way) for other shapes.
+    return (
+        f"CASE WHEN length({column}) IN (19, 26) AND substr({column}, 11, 1) = ' ' "
+        f"THEN '\"' || substr({column}, 1, 10) || 'T' || substr({column}, 12) || '+00:00\"' END"
+    )
+
+
+def sqlite_lines_sql() -> str | None:
+    """The SQL of one page of NDJSON lines (parameters: room id, after, upto, limit), or None
+    where SQLite cannot write the same bytes as the Python path."""
+    from django.db import models
+
+    connection = connections[Message.objects.db]
+    if connection.vendor != "sqlite" or not settings.USE_TZ:
+        return None
+    if connection.timezone_name != "UTC":
+        return None
+    user_model = get_user_model()
+    username = user_model._meta.get_field(user_model.USERNAME_FIELD)
+    if not isinstance(user_model._meta.pk, models.IntegerField):
+        return None
+    if not isinstance(username, models.CharField):
+        return None
+    if not _json_quote_matches.setdefault(connection.alias, _json_quote_agrees(connection)):
+        return None
+    qn = connection.ops.quote_name
+    m, u = qn(Message._meta.db_table), qn(user_model._meta.db_table)
+    user_pk, user_name = qn(user_model._meta.pk.column), qn(username.column)
+    created, edited = f"{m}.{qn('created_at')}", f"{m}.{qn('edited_at')}"
+    created_iso, edited_iso = _iso_sql(created), _iso_sql(edited)
+    # Every piece NULL-safe except the datetimes: NULL || ... is NULL, which marks the row.
+    line = (
+        f"""'{{"type":"message","seq":' || {m}.seq || ',"id":' || {m}.id"""
+        f""" || ',"room":' || json_quote(%s)"""
+        f""" || ',"user":{{"id":' || {m}.user_id || ',"username":' || json_quote({u}.{user_name})"""
+        f""" || '}},"text":' || json_quote({m}.text)"""
+        f""" || ',"client_id":' || CASE WHEN {m}.client_id = '' THEN 'null'"""
+        f""" ELSE json_quote({m}.client_id) END"""
+        f""" || ',"created_at":' || {created_iso}"""
+        f""" || CASE WHEN {m}.status = '' THEN '' ELSE ',"status":' || json_quote({m}.status) END"""
+        f""" || CASE WHEN {m}.update_seq = 0 THEN '' ELSE ',"edited_at":'"""
+        f""" || CASE WHEN {edited} IS NULL THEN 'null' ELSE {edited_iso} END"""
+        f""" || ',"deleted":' || CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END"""
+        f""" || ',"update_seq":' || {m}.update_seq END || '}}'"""
+    )
+    # Identifiers from the models' metadata, quoted; every value is a parameter.
+    return (
+        # As a BLOB: the UTF-8 bytes as SQLite holds them, not decoded to str and encoded back.
+        f"SELECT {m}.seq, CAST({line} AS BLOB) FROM {m}"  # noqa: S608
+        f" JOIN {u} ON {u}.{user_pk} = {m}.user_id"
+        f" WHERE {m}.room_id = %s AND {m}.seq > %s AND {m}.seq <= %s ORDER BY {m}.seq LIMIT %s"
+    )
+
+
+def _json_quote_agrees(connection: BaseDatabaseWrapper) -> bool:
+    import orjson
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT json_quote(%s)", [_JSON_QUOTE_PROBE])
+        (quoted,) = cursor.fetchone()
+    agrees = isinstance(quoted, str) and quoted.encode() == orjson.dumps(_JSON_QUOTE_PROBE)
+    if not agrees:
+        logger.warning("SQLite's json_quote differs from orjson: exports take the Python path")
+    return agrees
+
+
+def fetch_lines(room: RoomSnapshot, after: int, limit: int, sql: str) -> list[tuple[int, Any]]:
+    """(seq, NDJSON line or None) of one page, as ``sqlite_lines_sql`` writes them."""
+    with connections[Message.objects.db].cursor() as cursor:
+        cursor.execute(sql, (room.slug, room.id, after, room.upto, limit))
+        return cursor.fetchall()
+
+
 def fetch_rows(room: RoomSnapshot, after: int, limit: int) -> tuple[list[tuple[Any, ...]], str]:
     """Raw rows (ROW_FIELDS) of one page through a plain cursor, and the database's alias."""
     sql, params, db = page_sql(room, after, limit)
@@ -402,6 +493,13 @@ def read_page(
     """Read and encode the next page of a room, then release the database connection."""
     cache = usernames if usernames is not None else UsernameCache()
     try:
+        if fmt.name == "ndjson" and (sql := sqlite_lines_sql()) is not None:
+            lines = fetch_lines(room, after, limit, sql)
+            if all(line is not None for _, line in lines):
+                if not lines:
+                    return Page(b"", 0, after)
+                data = b"\n".join([line for _, line in lines]) + b"\n"
+                return Page(escape_line_breaks(data), len(lines), lines[-1][0])
         rows, db = fetch_rows(room, after, limit)
         names = cache.fill({row[-1] for row in rows})
         iso = iso_datetimes(connections[db])

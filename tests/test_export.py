@@ -275,8 +275,9 @@ def test_read_page_is_the_encoding_of_message_frame_of_each_instance(fmt: str) -
 
 @pytest.mark.django_db
 def test_usernames_are_read_once_per_author_and_the_cache_is_bounded(
-    django_assert_num_queries: Any,
+    django_assert_num_queries: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(export, "sqlite_lines_sql", lambda: None)  # the Python path's cache
     users = [User.objects.create_user(username=f"u{n}", password="x") for n in range(3)]
     room = Room.objects.create(slug="r", title="R")
     Message.objects.bulk_create(
@@ -390,3 +391,58 @@ def test_line_break_escapes_only_the_line_breaks() -> None:
     assert export.escape_line_breaks("è".encode()) == "è".encode()
     assert export.escape_line_breaks("è\u2028è\x85".encode()) == "è\\u2028è\\u0085".encode()
     assert export.escape_line_breaks(b"plain ascii") == b"plain ascii"
+
+
+@pytest.mark.django_db
+def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite writes the NDJSON lines itself (chat/export.py): every byte must be what the
+    # Python path (the WebSocket frames) writes, for awkward texts, names and every kind of
+    # message, and a page with a datetime in another shape falls back to Python as a whole.
+    from django.db import connection
+
+    assert export.sqlite_lines_sql() is not None, "the test database should take the SQL path"
+    users = [
+        User.objects.create_user(username=name, password="x")
+        for name in ('we"i\\rd', "zoë 😀", "\u2028x")
+    ]
+    lobby = Room.objects.create(slug="lobby", title="Lobby")
+    texts = [*CSV_AWKWARD, *LINE_SEPARATORS, "\x00nul", "\x1f\x7f", "</script>", "\\u0041"]
+    Message.objects.bulk_create(
+        Message(
+            room=lobby,
+            seq=n,
+            user=users[n % 3],
+            text=text,
+            client_id="" if n % 2 else f"c-{text[:10]}",
+            status="stopped" if n % 5 == 0 else "",
+        )
+        for n, text in enumerate(texts, 1)
+    )
+    kinds = Room.objects.create(slug="kinds", title="Kinds")
+    _every_kind_of_message(kinds, users[1])  # edited, deleted, stopped, on the second
+    ndjson = export.FORMATS["ndjson"]
+
+    def both(snapshot: export.RoomSnapshot, after: int, limit: int) -> list[export.Page]:
+        sql = export.read_page(snapshot, after, limit, ndjson)
+        with monkeypatch.context() as patched:
+            patched.setattr(export, "sqlite_lines_sql", lambda: None)
+            python = export.read_page(snapshot, after, limit, ndjson)
+        return [sql, python]
+
+    for room in (lobby, kinds):
+        upto = Message.objects.filter(room=room).count()
+        snapshot = export.RoomSnapshot(room.pk, room.slug, upto=upto)
+        for after, limit in ((0, 1000), (0, 7), (7, 7), (upto - 1, 5), (upto, 5)):
+            sql_page, python_page = both(snapshot, after, limit)
+            assert sql_page == python_page, (room.slug, after, limit)
+    # What the SQL cannot turn into isoformat by string edits: that page goes the Python way.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE chat_message SET created_at = '2026-11-21 06:00:00.5' WHERE room_id = %s"
+            " AND seq = 3",
+            [lobby.pk],
+        )
+    snapshot = export.RoomSnapshot(lobby.pk, lobby.slug, upto=len(texts))
+    sql_page, python_page = both(snapshot, 0, 1000)
+    assert sql_page == python_page
+    assert b'"created_at":"2026-11-21T06:00:00.500000+00:00"' in sql_page.data
