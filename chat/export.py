@@ -322,7 +322,9 @@ def sqlite_lines_sql() -> str | None:
         return None
     if not isinstance(username, models.CharField):
         return None
-    if not _json_quote_matches.setdefault(connection.alias, _json_quote_agrees(connection)):
+    if connection.alias not in _json_quote_matches:
+        _json_quote_matches[connection.alias] = _json_quote_agrees(connection)
+    if not _json_quote_matches[connection.alias]:
         return None
     qn = connection.ops.quote_name
     m, u = qn(Message._meta.db_table), qn(user_model._meta.db_table)

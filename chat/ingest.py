@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,14 +80,18 @@ def submit(room_id: int, request: PostRequest) -> asyncio.Future[PostResult]:
 
 async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> None:
     most = app_settings.GROUP_COMMIT_MAX_MESSAGES
+    closed = True  # the database thread's connection, as far as this room's batches go
     try:
         while queue.waiting:
             batch, queue.waiting = queue.waiting[:most], queue.waiting[most:]
             metrics().commit_batch_messages.observe(len(batch))
             events: list[dict[str, Any]] = []
             try:
-                outcomes = await _post_batch(room_id, [r for r, _ in batch], events)
+                outcomes, closed = await _post_batch(
+                    room_id, [r for r, _ in batch], events, lambda: bool(queue.waiting)
+                )
             except Exception as exc:  # DatabaseError, or the room was deleted meanwhile
+                closed = True  # a failed batch closes the connection
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
@@ -106,24 +110,34 @@ async def _commit_all(room_id: int, queue: _Queue, rooms: dict[int, _Queue]) -> 
         queue.committing = False
         if not queue.waiting and rooms.get(room_id) is queue:
             del rooms[room_id]
-        # Drained: the connection goes as the host's CONN_MAX_AGE says (at once by default).
-        await _close_old_connections()
+        if not closed:
+            # Left while more sends waited (cancelled): the connection still goes as the
+            # host's CONN_MAX_AGE says (at once by default).
+            await _close_old_connections()
 
 
 def _post_batch_sync(
-    room_id: int, requests: Sequence[PostRequest], events: list[dict[str, Any]]
-) -> list[PostResult | Exception]:
+    room_id: int,
+    requests: Sequence[PostRequest],
+    events: list[dict[str, Any]],
+    more_waiting: Callable[[], bool],
+) -> tuple[list[PostResult | Exception], bool]:
+    """``services.post_messages``, then close the connection unless more sends wait (whether
+    it closed it). A failure always closes it, so a broken one is never reused."""
     # Not database_sync_to_async, which closes the connection after every call: the batches
     # of a busy room follow one another, and opening a PostgreSQL connection per batch was
-    # ~9 % of the server's CPU under load (bench.ingest, py-spy). The connection stays open
-    # from one batch to the next and is closed once the queue drains (above), or at once
-    # when a batch fails, so a broken one is never reused. Other calls on this thread
-    # (Channels' database_sync_to_async) still close it before they run, as they always did.
+    # ~9 % of the server's CPU with 100 senders (bench.ingest, py-spy). A lone send still
+    # costs one thread hop, as before. Other calls on this thread (Channels'
+    # database_sync_to_async) close the connection before they run, as they always did.
     try:
-        return services.post_messages(room_id, requests, events)
+        outcomes = services.post_messages(room_id, requests, events)
     except BaseException:
         close_old_connections()
         raise
+    if more_waiting():  # read from this thread: at worst one extra close, or one extra hop
+        return outcomes, False
+    close_old_connections()
+    return outcomes, True
 
 
 # The process's shared thread, like every other database call of the consumers.

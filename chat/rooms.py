@@ -176,13 +176,16 @@ def room_list(user: AnyUser) -> QuerySet[Room]:
     return _with_counts(services.rooms_with_unread(user)).order_by("slug")
 
 
-def room_page(user: AnyUser, after: str | None, limit: int) -> tuple[list[Room], bool]:
-    """At most ``limit`` rooms of room_list after slug ``after``, and whether more follow."""
+def room_page(user: AnyUser, after: str | None, limit: int) -> tuple[list[Room], str | None]:
+    """At most ``limit`` rooms of room_list after slug ``after``, and the ``after`` of the next
+    page (None when this one is the last)."""
     rooms = room_list(user)
     if after is not None:
         rooms = rooms.filter(slug__gt=after)
     page = list(rooms[: limit + 1])
-    return page[:limit], len(page) > limit
+    if len(page) > limit:
+        return page[:limit], page[limit - 1].slug
+    return page, None
 
 
 def room_info(user: AnyUser, room: Room) -> Room:

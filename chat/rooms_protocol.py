@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .api import BadParameter, parse_int
+
 # Largest request body of a room endpoint, in bytes: the longest valid body (a 200-character
 # title of 4-byte characters with JSON escapes) fits several times over.
 MAX_BODY_BYTES = 8 * 1024
@@ -39,7 +41,6 @@ CSRF_FAILED = "csrf_failed"  # 403
 _SLUG = re.compile(r"[-a-z0-9_]+")
 # Any slug a room may have (the model's SlugField: admin-made rooms may have capitals).
 _ANY_SLUG = re.compile(r"[-a-zA-Z0-9_]{1,64}")
-_LIMIT = re.compile(r"[0-9]{1,6}")
 # Slugs the chat URLs use themselves: such a room's page would be shadowed.
 RESERVED_SLUGS = frozenset({"api", "search", "assistant"})
 
@@ -128,12 +129,11 @@ def parse_list_params(query: Any, *, page_size: int) -> ListParams:
     after = query.get("after") or None
     if after is not None and not _ANY_SLUG.fullmatch(after):
         raise BadBody(BAD_REQUEST, "after must be a room slug.", "after")
-    raw = query.get("limit")
-    if raw is None or raw == "":
-        return ListParams(after, page_size)
-    if not _LIMIT.fullmatch(raw) or int(raw) < 1:
-        raise BadBody(BAD_REQUEST, f"limit must be a positive integer, got {raw[:20]!r}.", "limit")
-    return ListParams(after, min(int(raw), page_size))
+    try:
+        limit = parse_int(query.get("limit") or None, "limit", default=page_size, minimum=1)
+    except BadParameter as exc:
+        raise BadBody(BAD_REQUEST, str(exc), "limit") from None
+    return ListParams(after, min(limit, page_size))
 
 
 def parse_new_room(body: bytes) -> NewRoom:

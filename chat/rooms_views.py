@@ -111,13 +111,13 @@ def rooms_collection(request: HttpRequest) -> HttpResponse:
     """GET: the rooms the user may read, with unread counts. POST: create a room."""
     if request.method == "GET":
         params = rp.parse_list_params(request.GET, page_size=app_settings.ROOM_LIST_PAGE_SIZE)
-        page, has_more = rooms.room_page(request.user, params.after, params.limit)
+        page, next_after = rooms.room_page(request.user, params.after, params.limit)
         return _json(
             {
                 "rooms": [_room_json(room) for room in page],
                 "may_create": rooms.may_create(request.user),
-                "has_more": has_more,
-                "next_after": page[-1].slug if has_more else None,
+                "has_more": next_after is not None,
+                "next_after": next_after,
             }
         )
     if not rooms.may_create(request.user):

@@ -36,8 +36,7 @@ def _respond(request: HttpRequest, rooms: Any, room: Room | None) -> HttpRespons
         )
     except BadParameter as exc:
         if html:
-            context = {"room": room, "q": request.GET.get("q", "")[:200], "error": str(exc)}
-            return render(request, "chat/search.html", context, status=400)
+            return _error_page(request, room, str(exc), 400)
         return error_response(400, "bad_request", str(exc))
     # Counted once the request is valid, before the query runs: a search can scan a room.
     # Only called for a logged-in user (both views check first).
@@ -55,13 +54,17 @@ def _respond(request: HttpRequest, rooms: Any, room: Room | None) -> HttpRespons
     return JsonResponse(page, json_dumps_params={"ensure_ascii": False})
 
 
+def _error_page(request: HttpRequest, room: Room | None, error: str, status: int) -> HttpResponse:
+    context = {"room": room, "q": request.GET.get("q", "")[:200], "error": error}
+    return render(request, "chat/search.html", context, status=status)
+
+
 def _rate_limited(request: HttpRequest, room: Room | None, wait: float) -> HttpResponse:
     limit = app_settings.SEARCH_RATE_LIMIT
     window = app_settings.SEARCH_RATE_LIMIT_WINDOW_SECONDS
     message = f"At most {limit} searches per {window:g} s; retry later."
     if _wants_html(request):
-        context = {"room": room, "q": request.GET.get("q", "")[:200], "error": message}
-        response = render(request, "chat/search.html", context, status=429)
+        response = _error_page(request, room, message, 429)
     else:
         response = error_response(429, "rate_limited", message)
     response["Retry-After"] = str(max(1, math.ceil(wait)))

@@ -32,7 +32,7 @@ def room_list(request: HttpRequest) -> HttpResponse:
     except rp.BadBody:
         # A hand-edited address: the first page, rather than an error page.
         params = rp.ListParams(None, page_size)
-    page, has_more = rooms.room_page(request.user, params.after, params.limit)
+    page, next_after = rooms.room_page(request.user, params.after, params.limit)
     # The page polls the API for the same rooms it shows (badges, renames).
     api_url = reverse("chat:api_rooms")
     if params.after is not None:
@@ -40,7 +40,7 @@ def room_list(request: HttpRequest) -> HttpResponse:
     context = {
         "rooms": page,
         "after": params.after,
-        "next_after": page[-1].slug if has_more else None,
+        "next_after": next_after,
         "api_url": api_url,
         "may_create": rooms.may_create(request.user),
         "poll_seconds": app_settings.ROOM_LIST_POLL_SECONDS,
