@@ -30,6 +30,7 @@ so across processes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import re
@@ -473,6 +474,12 @@ async def _finish(
             logger.exception("Storing an assistant reply in room %s failed", reply.room_slug)
             status = ap.ERROR
             failure = LLMError(protocol.UNAVAILABLE, "The reply could not be stored.")
+    if seq is None:
+        # Nothing stored (no text, or storing failed), so no transaction forgot the run: forget
+        # it before members hear the end, so that none finds it left behind and a process
+        # dying right after cannot have the sweeper end the reply a second time.
+        with contextlib.suppress(DatabaseError):  # the finally tries again, else the sweeper
+            await runs.aclose_run(reply.stream_id)
     error = (failure.code, failure.message) if failure is not None else None
     await _broadcast(reply, ap.end_frame(reply.stream_id, status, seq, error))
 
