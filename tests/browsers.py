@@ -37,8 +37,11 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
-def watched_context(browser: Browser, page_errors: list[str], *init_scripts: str) -> BrowserContext:
-    """A context whose pages report uncaught JavaScript errors into ``page_errors``."""
+def watched_context(
+    browser: Browser, page_errors: list[str], *init_scripts: str, timezone_id: str | None = None
+) -> BrowserContext:
+    """A context whose pages report uncaught JavaScript errors into ``page_errors`` (in
+    ``timezone_id``, else the machine's zone)."""
 
     def watch(page: Page) -> None:
         def record(error: Error) -> None:
@@ -46,7 +49,7 @@ def watched_context(browser: Browser, page_errors: list[str], *init_scripts: str
 
         page.on("pageerror", record)
 
-    context = browser.new_context()
+    context = browser.new_context(timezone_id=timezone_id)
     context.on("page", watch)
     context.set_default_timeout(WAIT_MS)
     for script in init_scripts:

@@ -57,12 +57,15 @@ new MutationObserver((mutations) => {
 """
 
 
-def new_context(browser: Browser, page_errors: list[str]) -> BrowserContext:
+def new_context(
+    browser: Browser, page_errors: list[str], timezone_id: str | None = None
+) -> BrowserContext:
     return watched_context(
         browser,
         page_errors,
         f"window.CHAT_CONFIG = {json.dumps(FAST_CLIENT)};",
         RECORD_RENDER_ORDER_JS,
+        timezone_id=timezone_id,
     )
 
 

@@ -8,6 +8,7 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
@@ -134,6 +135,14 @@ _SEED_TIMED = textwrap.dedent(
 TWO_DAYS_MIN = 2 * 24 * 60
 
 
+def midday_zone() -> str:
+    """A fixed-offset zone where it is about noon now, so that the rows below (48 h to 47 h 40
+    min old, and 30 min old) straddle no midnight whenever the suite runs (run between 23:40
+    and 00:30 in the machine's zone, the test saw three days instead of two)."""
+    offset = 12 - datetime.now(UTC).hour  # local hour = UTC hour + offset, -11..+12
+    return f"Etc/GMT{-offset:+d}" if offset else "Etc/GMT"  # Etc/GMT-5 is UTC+5
+
+
 def test_groups_day_separators_times_and_the_start_of_the_room(
     browser: Browser, page_errors: list[str], daphne: DaphneServer, sqlite_env: dict[str, str]
 ) -> None:
@@ -145,7 +154,8 @@ def test_groups_day_separators_times_and_the_start_of_the_room(
         ("bob", 30),  # 5: today: a separator
     ]
     run_django_script(_SEED_TIMED, sqlite_env, json.dumps(rows))
-    page = open_room(new_context(browser, page_errors), daphne, "alice")
+    context = new_context(browser, page_errors, timezone_id=midday_zone())
+    page = open_room(context, daphne, "alice")
     expect(page.locator(CONFIRMED_TEXTS)).to_have_count(5)
 
     grouped = [
