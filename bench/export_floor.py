@@ -6,7 +6,9 @@ No Django, no HTTP: a throwaway SQLite table shaped like ``chat_message`` (``--r
 
 - ``python``: the sqlite3 module returns ten values per row, frames are dicts, orjson encodes;
 - ``sql``: SQLite builds each line itself (``'{"type":"message","seq":' || seq || ...``,
-  ``json_quote``), Python fetches one string per row and joins them.
+  ``json_quote``), Python fetches one string per row and joins them;
+- ``printf``: the same line from one ``printf()`` call per row (what ``chat.export`` does):
+  the chain of ``||`` copies the growing line at every step.
 
 Prints rows per CPU second (``time.process_time``) for each. docs/benchmarks.md ("Rows per CPU
 second") quotes it.
@@ -44,6 +46,17 @@ SQL_PAGE = (
     "(CASE WHEN client_id = '' THEN 'null' ELSE json_quote(client_id) END) || "
     "',\"created_at\":\"' || substr(created_at, 1, 10) || 'T' || substr(created_at, 12) || "
     "'+00:00\"}' FROM m WHERE room_id = 1 AND seq > ? ORDER BY seq LIMIT ?"
+)
+
+PRINTF_PAGE = (
+    'SELECT seq, printf(\'{"type":"message","seq":%d,"id":%d,"room":"lobby",'
+    '"user":%s,"text":%s,"client_id":%s,"created_at":"%sT%s+00:00"}\', seq, id, '
+    '(CASE user_id WHEN 1 THEN \'{"id":1,"username":"alice"}\' '
+    'WHEN 2 THEN \'{"id":2,"username":"bob"}\' '
+    'WHEN 3 THEN \'{"id":3,"username":"carol"}\' END), json_quote(text), '
+    "(CASE WHEN client_id = '' THEN 'null' ELSE json_quote(client_id) END), "
+    "substr(created_at, 1, 10), substr(created_at, 12)) "
+    "FROM m WHERE room_id = 1 AND seq > ? ORDER BY seq LIMIT ?"
 )
 
 
@@ -88,12 +101,16 @@ def python_pages(db: sqlite3.Connection) -> int:
     return count
 
 
-def sql_pages(db: sqlite3.Connection) -> int:
+def sql_pages(db: sqlite3.Connection, query: str = SQL_PAGE) -> int:
     after = count = 0
-    while rows := db.execute(SQL_PAGE, (after, PAGE_ROWS)).fetchall():
+    while rows := db.execute(query, (after, PAGE_ROWS)).fetchall():
         "\n".join(line for _, line in rows).encode()
         after, count = rows[-1][0], count + len(rows)
     return count
+
+
+def printf_pages(db: sqlite3.Connection) -> int:
+    return sql_pages(db, PRINTF_PAGE)
 
 
 def main() -> None:
@@ -116,8 +133,14 @@ def main() -> None:
                 "created_at": created[:10] + "T" + created[11:] + "+00:00",
             }  # fmt: skip
             assert line.encode() == orjson.dumps(expected), (line, expected)
+        printf_lines = db.execute(PRINTF_PAGE, (0, 50)).fetchall()
+        assert printf_lines == db.execute(SQL_PAGE, (0, 50)).fetchall()
         for _ in range(args.reps):
-            for name, run in (("python", python_pages), ("sql", sql_pages)):
+            for name, run in (
+                ("python", python_pages),
+                ("sql", sql_pages),
+                ("printf", printf_pages),
+            ):
                 start = time.process_time()
                 rows = run(db)
                 cpu = time.process_time() - start

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from typing import cast
 
 from asgiref.sync import async_to_sync
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
@@ -12,9 +14,9 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.utils import timezone
 
-from . import services
+from . import quotas, services
 from .conf import app_settings
-from .export import FORMATS, RoomSnapshot, export_response
+from .export import FORMATS, RoomSnapshot, export_response, too_many_exports_message
 from .models import Membership, Message, ReadMarker, Room
 from .presence import State
 from .presence_hub import get_hub
@@ -47,21 +49,28 @@ class RoomAdmin(admin.ModelAdmin):
     @admin.action(description="Export messages of selected rooms (CSV)", permissions=["export"])
     def export_messages_csv(
         self, request: HttpRequest, queryset: QuerySet[Room]
-    ) -> HttpResponseBase:
+    ) -> HttpResponseBase | None:
         return self._export(request, queryset, "csv")
 
     @admin.action(description="Export messages of selected rooms (NDJSON)", permissions=["export"])
     def export_messages_ndjson(
         self, request: HttpRequest, queryset: QuerySet[Room]
-    ) -> HttpResponseBase:
+    ) -> HttpResponseBase | None:
         return self._export(request, queryset, "ndjson")
 
     def has_export_permission(self, request: HttpRequest) -> bool:
         # An export holds every message text: viewing rooms is not enough.
         return request.user.has_perm("chat.view_message")
 
-    def _export(self, request: HttpRequest, queryset: QuerySet[Room], fmt: str) -> HttpResponseBase:
+    def _export(
+        self, request: HttpRequest, queryset: QuerySet[Room], fmt: str
+    ) -> HttpResponseBase | None:
         """Stream the rooms' messages the way the export view does, rooms in slug order."""
+        # Staff count against the same per-user cap as everyone (an export holds a thread).
+        lease = async_to_sync(quotas.exports.acquire)(cast(int, request.user.pk), uuid.uuid4().hex)
+        if lease is None:
+            self.message_user(request, too_many_exports_message(), messages.ERROR)
+            return None  # back to the change list, which shows the message
         rows = queryset.order_by("slug").values_list("id", "slug", "last_seq")
         rooms = [RoomSnapshot(pk, slug, upto) for pk, slug, upto in rows]
         slugs = ",".join(room.slug for room in rooms[:10]) + (",..." if len(rooms) > 10 else "")
@@ -71,6 +80,7 @@ class RoomAdmin(admin.ModelAdmin):
             filename=f"chat-messages-{timezone.now():%Y%m%d-%H%M%S}",
             page_size=app_settings.EXPORT_PAGE_SIZE,
             audit=f"admin user={request.user.pk} rooms={len(rooms)}:{slugs}",
+            lease=lease,
         )
 
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:

@@ -48,6 +48,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_HISTORY_PAGE_SIZE": app_settings.HISTORY_PAGE_SIZE,
         "CHAT_HISTORY_PAGE_MAX": app_settings.HISTORY_PAGE_MAX,
         "CHAT_EXPORT_PAGE_SIZE": app_settings.EXPORT_PAGE_SIZE,
+        "CHAT_EXPORT_MAX_CONCURRENT_PER_USER": app_settings.EXPORT_MAX_CONCURRENT_PER_USER,
         "CHAT_MAX_TEXT_BYTES": app_settings.MAX_TEXT_BYTES,
         "CHAT_MAX_SEND_BYTES": app_settings.MAX_SEND_BYTES,
         "CHAT_MAX_OUTBOUND_BYTES": app_settings.MAX_OUTBOUND_BYTES,

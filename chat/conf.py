@@ -43,6 +43,11 @@ class ChatSettings:
         return int(self._get("EXPORT_PAGE_SIZE", 2000))
 
     @property
+    def EXPORT_MAX_CONCURRENT_PER_USER(self) -> int:
+        """Exports a user may have downloading at once (all processes with CHAT_REDIS_URL)."""
+        return int(self._get("EXPORT_MAX_CONCURRENT_PER_USER", 2))
+
+    @property
     def MAX_TEXT_LENGTH(self) -> int:
         """Longest message text, in characters."""
         return int(self._get("MAX_TEXT_LENGTH", 4000))

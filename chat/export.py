@@ -2,11 +2,13 @@
 
 An export reads ``seq > last`` pages of raw rows in seq order, one query per page, so memory
 does not depend on the room's size: no model instances, no server-side cursor (PostgreSQL
-materialises a WITH HOLD cursor's whole result first in async code). Each page is read,
-encoded and followed by ``close_old_connections()`` in one thread hop, so a slow reader holds
-no database connection between pages and a cancelled export cannot leave one open. The next
-page is read while the current one is sent; ``chat.backpressure`` makes that sending wait for
-the client under daphne, so at most about two pages are held per export.
+materialises a WITH HOLD cursor's whole result first in async code). Each page is read and
+encoded in one hop to the export's own thread (``PageReader``), which keeps its database
+connection from one page to the next while the client keeps up and lets it go once no read
+has followed for ``CONNECTION_LINGER_SECONDS``: a slow reader holds no connection while it
+drains a page, and an ended or cancelled export none at all. The next page is read while the
+current one is sent; ``chat.backpressure`` makes that sending wait for the client under
+daphne, so at most about two pages are held per export.
 
 Rows per second is the figure that matters here (docs/benchmarks.md), so a page skips what
 costs per row without changing a byte: the ORM writes the SQL but a plain cursor runs it (no
@@ -27,7 +29,9 @@ import csv
 import io
 import logging
 import re
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
@@ -43,8 +47,12 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from realtime_kit.leases import Lease
+from realtime_kit.threads import release_request_thread
+
 from . import protocol
 from .api import BadParameter
+from .conf import app_settings
 from .models import Message
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,12 @@ LINE_BREAK_BYTES = tuple((chr(c).encode(), e.encode()) for c, e in LINE_BREAKS_T
 TARGET_CHUNK_BYTES = 1024 * 1024
 # The first page is small: its rows reach the client quickly, and it measures the row size.
 FIRST_PAGE_ROWS = 100
+# How long an export's database connection stays open after a page for the next one. A client
+# that keeps up asks again within milliseconds and every page shares one connection (a new
+# SQLite connection per page cost ~12 % of the export's rows/s, measured in benchmarks.md);
+# one that takes longer drains its page with no connection held, and a reconnect per page
+# is then a small share of its time.
+CONNECTION_LINGER_SECONDS = 0.05
 
 
 # --- encoders (pure) ---------------------------------------------------------------------
@@ -181,6 +195,15 @@ FORMATS = {
     "ndjson": ExportFormat("ndjson", "application/x-ndjson; charset=utf-8", "ndjson"),
     "csv": ExportFormat("csv", "text/csv; charset=utf-8", "csv"),
 }
+
+
+# What a client refused with too_many_exports is told to wait: exports take seconds to minutes.
+TOO_MANY_EXPORTS_RETRY_AFTER_SECONDS = 30
+
+
+def too_many_exports_message() -> str:
+    limit = app_settings.EXPORT_MAX_CONCURRENT_PER_USER
+    return f"At most {limit} exports at a time per user; wait for one to finish."
 
 
 def parse_format(value: str | None) -> ExportFormat:
@@ -298,17 +321,33 @@ _JSON_QUOTE_PROBE = "".join(map(chr, range(128))) + "\x85\u2028\u2029\ufeff\ufff
 _json_quote_matches: dict[str, bool] = {}
 
 
+def _iso_shape_sql(column: str) -> str:
+    # The shape iso_datetimes edits into isoformat; the page goes the Python way otherwise.
+    return f"length({column}) IN (19, 26) AND substr({column}, 11, 1) = ' '"
+
+
+def _printf_sql(template: str, *args: str) -> str:
+    # Doubled percents: Django's SQLite cursor turns %s into ? and %% back into %.
+    return f"printf('{template.replace('%', '%%')}', {', '.join(args)})"
+
+
 def _iso_sql(column: str) -> str:
-    # iso_datetimes' fast path in SQL; NULL (the page goes the Python way) for other shapes.
-    return (
-        f"CASE WHEN length({column}) IN (19, 26) AND substr({column}, 11, 1) = ' ' "
-        f"THEN '\"' || substr({column}, 1, 10) || 'T' || substr({column}, 12) || '+00:00\"' END"
-    )
+    # iso_datetimes' string edits, for a value of _iso_shape_sql's shape, as a JSON string.
+    return _printf_sql('"%sT%s+00:00"', f"substr({column}, 1, 10)", f"substr({column}, 12)")
+
+
+# One printf per line: a chain of || copies the growing line at every step (printf is 1.2-1.5x
+# the rows per CPU second of the chain, measured on a million-message room).
+_LINE_FORMAT = (
+    '{"type":"message","seq":%d,"id":%d,"room":%s,"user":{"id":%d,"username":%s},'
+    '"text":%s,"client_id":%s,"created_at":%s%s%s}'
+)
+_CHANGE_FORMAT = ',"edited_at":%s,"deleted":%s,"update_seq":%d'
 
 
 def sqlite_lines_sql() -> str | None:
-    """The SQL of one page of NDJSON lines (parameters: room id, after, upto, limit), or None
-    where SQLite cannot write the same bytes as the Python path."""
+    """The SQL of one page of NDJSON lines (parameters: room slug, room id, after, upto,
+    limit), or None where SQLite cannot write the same bytes as the Python path."""
     from django.db import models
 
     connection = connections[Message.objects.db]
@@ -330,22 +369,32 @@ def sqlite_lines_sql() -> str | None:
     m, u = qn(Message._meta.db_table), qn(user_model._meta.db_table)
     user_pk, user_name = qn(user_model._meta.pk.column), qn(username.column)
     created, edited = f"{m}.{qn('created_at')}", f"{m}.{qn('edited_at')}"
-    created_iso, edited_iso = _iso_sql(created), _iso_sql(edited)
-    # Every piece NULL-safe except the datetimes: NULL || ... is NULL, which marks the row.
-    line = (
-        f"""'{{"type":"message","seq":' || {m}.seq || ',"id":' || {m}.id"""
-        f""" || ',"room":' || json_quote(%s)"""
-        f""" || ',"user":{{"id":' || {m}.user_id || ',"username":' || json_quote({u}.{user_name})"""
-        f""" || '}},"text":' || json_quote({m}.text)"""
-        f""" || ',"client_id":' || CASE WHEN {m}.client_id = '' THEN 'null'"""
-        f""" ELSE json_quote({m}.client_id) END"""
-        f""" || ',"created_at":' || {created_iso}"""
-        f""" || CASE WHEN {m}.status = '' THEN '' ELSE ',"status":' || json_quote({m}.status) END"""
-        f""" || CASE WHEN {m}.update_seq = 0 THEN '' ELSE ',"edited_at":'"""
-        f""" || CASE WHEN {edited} IS NULL THEN 'null' ELSE {edited_iso} END"""
-        f""" || ',"deleted":' || CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END"""
-        f""" || ',"update_seq":' || {m}.update_seq END || '}}'"""
+    # printf writes NULL as nothing: the shapes are checked first, and a row that fails
+    # them is NULL, which sends its page the Python way (every other column is NOT NULL).
+    shapes = (
+        f"{_iso_shape_sql(created)} AND ({m}.update_seq = 0 OR {edited} IS NULL"
+        f" OR ({_iso_shape_sql(edited)}))"
     )
+    change = _printf_sql(
+        _CHANGE_FORMAT,
+        f"CASE WHEN {edited} IS NULL THEN 'null' ELSE {_iso_sql(edited)} END",
+        f"CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END",
+        f"{m}.update_seq",
+    )
+    fields = _printf_sql(
+        _LINE_FORMAT,
+        f"{m}.seq",
+        f"{m}.id",
+        "json_quote(%s)",  # the room's slug, a parameter
+        f"{m}.user_id",
+        f"json_quote({u}.{user_name})",
+        f"json_quote({m}.text)",
+        f"CASE WHEN {m}.client_id = '' THEN 'null' ELSE json_quote({m}.client_id) END",
+        _iso_sql(created),
+        f"""CASE WHEN {m}.status = '' THEN '' ELSE ',"status":' || json_quote({m}.status) END""",
+        f"CASE WHEN {m}.update_seq = 0 THEN '' ELSE {change} END",
+    )
+    line = f"CASE WHEN {shapes} THEN {fields} END"
     # Identifiers from the models' metadata, quoted; every value is a parameter.
     return (
         # As a BLOB: the UTF-8 bytes as SQLite holds them, not decoded to str and encoded back.
@@ -492,26 +541,81 @@ def read_page(
     fmt: ExportFormat,
     usernames: UsernameCache | None = None,
 ) -> Page:
-    """Read and encode the next page of a room, then release the database connection."""
+    """Read and encode the next page of a room (the connection stays open: ``PageReader``)."""
     cache = usernames if usernames is not None else UsernameCache()
-    try:
-        if fmt.name == "ndjson" and (sql := sqlite_lines_sql()) is not None:
-            lines = fetch_lines(room, after, limit, sql)
-            if all(line is not None for _, line in lines):
-                if not lines:
-                    return Page(b"", 0, after)
-                data = b"\n".join([line for _, line in lines]) + b"\n"
-                return Page(escape_line_breaks(data), len(lines), lines[-1][0])
-        rows, db = fetch_rows(room, after, limit)
-        names = cache.fill({row[-1] for row in rows})
-        iso = iso_datetimes(connections[db])
-    finally:
-        # With CONN_MAX_AGE=0 this closes the connection: a slow reader holds none while
-        # the client drains the page. Hosts with persistent connections keep theirs.
-        close_old_connections()
+    if fmt.name == "ndjson" and (sql := sqlite_lines_sql()) is not None:
+        lines = fetch_lines(room, after, limit, sql)
+        if all(line is not None for _, line in lines):
+            if not lines:
+                return Page(b"", 0, after)
+            data = b"\n".join([line for _, line in lines]) + b"\n"
+            return Page(escape_line_breaks(data), len(lines), lines[-1][0])
+    rows, db = fetch_rows(room, after, limit)
     if not rows:
         return Page(b"", 0, after)
+    names = cache.fill({row[-1] for row in rows})
+    iso = iso_datetimes(connections[db])
     return Page(fmt.encode_rows(rows, room.slug, names, iso), len(rows), rows[-1][0])
+
+
+def release_connections(ending: bool = False) -> None:
+    """Close this thread's database connections: the obsolete or broken ones (``CONN_MAX_AGE``
+    decides, as after a request), or every one when the thread is ``ending``."""
+    try:
+        if ending:
+            connections.close_all()
+        else:
+            close_old_connections()
+    except Exception:
+        # The export has its rows or its own error by now; a failed close must not add one.
+        logger.warning("Closing an export's database connection failed", exc_info=True)
+
+
+class PageReader:
+    """Reads one export's pages on a thread of its own, one hop per page.
+
+    The thread's database connection stays open from one page to the next while the reads
+    follow each other within ``CONNECTION_LINGER_SECONDS``, and is let go (``CONN_MAX_AGE``
+    decides, as after a request) once none has. ``close()`` ends the thread and closes its
+    connections, after the read in flight if there is one: an export that is cancelled
+    mid-read leaves nothing open either.
+    """
+
+    def __init__(self, fmt: ExportFormat) -> None:
+        self.fmt = fmt
+        self.usernames = UsernameCache()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-export")
+        self._read = sync_to_async(read_page, thread_sensitive=False, executor=self._executor)
+        self._linger: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def read(self, room: RoomSnapshot, after: int, limit: int) -> Page:
+        self._stop_lingering()
+        try:
+            return await self._read(room, after, limit, self.fmt, self.usernames)
+        finally:
+            if not self._closed:
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(CONNECTION_LINGER_SECONDS, self._release)
+
+    def close(self) -> None:
+        """End the thread once its queue is done, closing its connections last (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_lingering()
+        self._executor.submit(release_connections, True)
+        self._executor.shutdown(wait=False)
+
+    def _release(self) -> None:
+        self._linger = None
+        if not self._closed:
+            self._executor.submit(release_connections)
+
+    def _stop_lingering(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
 
 def next_page_size(page: Page, page_size: int) -> int:
@@ -527,19 +631,23 @@ async def stream_export(
     after: int = 0,
     page_size: int,
     audit: str,
+    lease: Lease | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Yield the export of ``rooms`` in order, one database page per chunk.
 
     Logs one line when it starts and one when it ends (``complete``, ``aborted`` when the
-    client left, ``failed``): who exported what is worth an audit trail.
+    client left, ``failed``): who exported what is worth an audit trail. Releases ``lease``
+    (the user's export place) when it ends.
     """
     rows = 0
     outcome = "aborted"
     pending: asyncio.Future[Page] | None = None
-    aread_page = sync_to_async(read_page)
-    usernames = UsernameCache()
+    reader = PageReader(fmt)
     logger.info("Export started: %s format=%s after=%d", audit, fmt.name, after)
     try:
+        # Every read runs on the reader's thread: the request's own would sit idle (and
+        # hold whatever connection the host's middleware opened) until the download ends.
+        release_request_thread()
         # The first chunk goes out before any query: the client gets the status line and
         # headers (and the CSV header row) at once, whatever the room's size.
         yield fmt.header()
@@ -547,7 +655,7 @@ async def stream_export(
         for room in rooms:
             if after >= room.upto:
                 continue
-            pending = asyncio.ensure_future(aread_page(room, after, limit, fmt, usernames))
+            pending = asyncio.ensure_future(reader.read(room, after, limit))
             while pending is not None:
                 page = await pending
                 pending = None
@@ -558,7 +666,7 @@ async def stream_export(
                 if page.last_seq < room.upto:
                     # Read the next page while this one is sent: with backpressure the two
                     # would otherwise take turns (half the throughput, measured).
-                    next_page = aread_page(room, page.last_seq, limit, fmt, usernames)
+                    next_page = reader.read(room, page.last_seq, limit)
                     pending = asyncio.ensure_future(next_page)
                 yield page.data
         outcome = "complete"
@@ -568,9 +676,12 @@ async def stream_export(
         raise
     finally:
         if pending is not None:
-            # The thread finishes its page (and releases its connection) on its own.
+            # The thread finishes its page on its own; close() queues behind it.
             pending.cancel()
             pending.add_done_callback(_forget)
+        reader.close()
+        if lease is not None:
+            lease.release_soon()
         logger.info("Export %s: %s rows=%d", outcome, audit, rows)
 
 
@@ -588,12 +699,17 @@ def export_response(
     after: int = 0,
     page_size: int,
     audit: str,
+    lease: Lease | None = None,
 ) -> StreamingHttpResponse:
-    """A streaming download of ``rooms``' messages (use from async views or the admin)."""
-    response = StreamingHttpResponse(
-        stream_export(rooms, fmt, after=after, page_size=page_size, audit=audit),
-        content_type=fmt.content_type,
-    )
+    """A streaming download of ``rooms``' messages (use from async views or the admin).
+
+    ``lease`` (``chat.quotas.exports``) is released when the download ends, or when the body
+    is dropped unstarted (the client left before it began)."""
+    body = stream_export(rooms, fmt, after=after, page_size=page_size, audit=audit, lease=lease)
+    if lease is not None:
+        # An async generator that never started runs no finally.
+        weakref.finalize(body, lease.release_soon)
+    response = StreamingHttpResponse(body, content_type=fmt.content_type)
     response["Content-Disposition"] = f'attachment; filename="{filename}.{fmt.extension}"'
     response["Cache-Control"] = "no-store"
     response["X-Content-Type-Options"] = "nosniff"

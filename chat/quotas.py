@@ -10,6 +10,8 @@ chat/assistant/quotas.py, on the same store:
   only guards against a runaway client, and Redis being down must not lock people out.
 - ``<prefix>:edits:<user id>``: message edits and deletes in the rate window (``edits``).
   Fails **open**: an edit costs one small transaction, like a message.
+- ``<prefix>:exports:<user id>``: exports downloading (``exports``). An export keeps a thread
+  and, while its reader keeps up, a database connection busy. Fails **open**, like sockets.
 - ``<prefix>:searches:<user id>``: searches in the rate window (``searches``). A search is the
   costliest read a user can ask for (a substring scan on a big room takes seconds). Fails
   **open**, like edits: Redis being down must not take search away.
@@ -29,7 +31,7 @@ from realtime_kit.rates import UserRate
 
 from .conf import app_settings
 
-__all__ = ["StoreUnavailable", "edits", "searches", "sockets", "store"]
+__all__ = ["StoreUnavailable", "edits", "exports", "searches", "sockets", "store"]
 
 
 def store() -> StoreConfig:
@@ -39,6 +41,13 @@ def store() -> StoreConfig:
 
 sockets = UserLimit(
     "sockets", store=store, limit=lambda: app_settings.MAX_SOCKETS_PER_USER, fail_open=True
+)
+
+exports = UserLimit(
+    "exports",
+    store=store,
+    limit=lambda: app_settings.EXPORT_MAX_CONCURRENT_PER_USER,
+    fail_open=True,
 )
 
 edits = UserRate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import cast
 from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
@@ -13,11 +15,17 @@ from django.views.decorators.http import require_GET
 
 from realtime_kit.metrics import ametrics_response
 
-from . import protocol, rooms, services
+from . import protocol, quotas, rooms, services
 from . import rooms_protocol as rp
 from .api import BadParameter, error_response, parse_int, unavailable_on_database_error
 from .conf import app_settings
-from .export import RoomSnapshot, export_response, parse_format
+from .export import (
+    TOO_MANY_EXPORTS_RETRY_AFTER_SECONDS,
+    RoomSnapshot,
+    export_response,
+    parse_format,
+    too_many_exports_message,
+)
 from .models import Room
 from .paging import apage_response, parse_page_params
 from .presence_hub import get_hub
@@ -114,6 +122,11 @@ async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
     except BadParameter as exc:
         return error_response(400, "bad_request", str(exc))
     user = await request.auser()
+    lease = await quotas.exports.acquire(cast(int, user.pk), uuid.uuid4().hex)
+    if lease is None:
+        response = error_response(429, "too_many_exports", too_many_exports_message())
+        response["Retry-After"] = str(TOO_MANY_EXPORTS_RETRY_AFTER_SECONDS)
+        return response
     return export_response(
         [RoomSnapshot(room.pk, room.slug, room.last_seq)],
         fmt,
@@ -121,6 +134,7 @@ async def export_messages(request: HttpRequest, slug: str) -> HttpResponseBase:
         after=after,
         page_size=app_settings.EXPORT_PAGE_SIZE,
         audit=f"user={user.pk} room={room.slug}",
+        lease=lease,
     )
 
 

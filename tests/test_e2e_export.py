@@ -7,6 +7,7 @@ with the frames the WebSocket sends for the same messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -441,3 +442,119 @@ async def test_admin_action_streams_the_selected_rooms(
     response = await _admin_action(server, clerk, "export_messages_csv", selected)
     assert "text/csv" not in response.headers.get("content-type", "")
     assert "Export complete: admin user=" in server.log_tail(100_000)
+
+
+# --- bounds: exports at once, connections per export ---------------------------------------
+
+
+async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not(
+    sqlite_env: dict[str, str], start_daphne: Callable[..., DaphneServer]
+) -> None:
+    # The attack: open export after export and read none of them, each holding a thread (and
+    # with no cap a database connection) on the server.
+    seed(sqlite_env, "lobby", 2000, size=ROW_TEXT_CHARS)  # 8 MB: far more than buffers hold
+    run_script(
+        sqlite_env,
+        users=[
+            {
+                "username": "root",
+                "password": servers.TEST_PASSWORD,
+                "staff": True,
+                "superuser": True,
+            }
+        ],
+    )
+    server = start_daphne({**sqlite_env, "CHAT_EXPORT_MAX_CONCURRENT_PER_USER": "2"})
+    alice = await servers.login(server.base_url, "alice")
+    small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)]
+    async with contextlib.AsyncExitStack() as stack:
+        held = []
+        for _ in range(2):
+            transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
+            http = await stack.enter_async_context(client(server, alice, transport=transport))
+            response = await stack.enter_async_context(
+                http.stream("GET", "/chat/lobby/export/?format=csv")
+            )
+            assert response.status_code == 200
+            held.append(response)
+        async with client(server, alice) as http:
+            refused = await http.get("/chat/lobby/export/?format=ndjson")
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == "too_many_exports"
+            assert "At most 2 exports" in refused.json()["error"]["message"]
+            assert int(refused.headers["retry-after"]) > 0
+        # Another user is not affected.
+        root = await servers.login(server.base_url, "root")
+        async with client(server, root) as http:
+            response = await http.get(f"/chat/lobby/export/?after={1990}")
+            assert [f["seq"] for f in ndjson(response.content)] == list(range(1991, 2001))
+            # Staff exporting from the admin count against their own cap: at it, the change
+            # list says why instead of starting a download.
+            stalled = []
+            for _ in range(2):
+                transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
+                staff = await stack.enter_async_context(client(server, root, transport=transport))
+                response = await stack.enter_async_context(
+                    staff.stream("GET", "/chat/lobby/export/")
+                )
+                assert response.status_code == 200
+                stalled.append(response)
+        rooms = run_script(sqlite_env)
+        refused_admin = await _admin_action(server, root, "export_messages_csv", [rooms["lobby"]])
+        assert "text/csv" not in refused_admin.headers.get("content-type", "")
+        assert refused_admin.status_code == 302
+        # The message travels in a cookie (Django's message storage) to the next page.
+        notice = refused_admin.cookies.get("messages")
+        assert notice is not None
+        async with client(server, f"{root}; messages={notice}") as http:
+            page = await http.get(refused_admin.headers["location"])
+            assert "At most 2 exports at a time per user" in page.text
+
+    # The stalled downloads are gone: their places are free again.
+    async def alice_can_export() -> bool:
+        async with client(server, alice) as http:
+            response = await http.get("/chat/lobby/export/?after=1999")
+            return response.status_code == 200
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not await alice_can_export():
+        assert loop.time() < deadline, "the leaving clients' export places were not freed"
+        await asyncio.sleep(0.2)
+
+
+def _postgres_sessions(env: dict[str, str]) -> int:
+    """Connections ever opened to the test database (PostgreSQL's cumulative counter)."""
+    import psycopg
+
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.postgres
+async def test_an_export_read_as_fast_as_it_comes_reuses_its_connection(
+    postgres_env: dict[str, str], start_daphne: Callable[..., DaphneServer]
+) -> None:
+    rows, page_size = 3000, 20
+    seed(postgres_env, "lobby", rows)
+    server = start_daphne({**postgres_env, "CHAT_EXPORT_PAGE_SIZE": str(page_size)})
+    alice = await servers.login(server.base_url, "alice")
+    await _steadily(lambda: db_connections(server, postgres_env) == 0, "an idle server")
+    before = _postgres_sessions(postgres_env)
+    async with client(server, alice) as http:
+        response = await http.get("/chat/lobby/export/?format=ndjson")
+    assert [f["seq"] for f in ndjson(response.content)] == list(range(1, rows + 1))
+    await _steadily(
+        lambda: db_connections(server, postgres_env) == 0, "no connection after the export"
+    )
+    # PostgreSQL counts a session when its backend reports, at the latest when it exits.
+    opened = _postgres_sessions(postgres_env) - before
+    pages = rows // page_size
+    # A connection per page would be 150 sessions; a few are the request's own and those
+    # counted by the checks above. A reconnect after a pause of the loaded test machine is
+    # allowed for, not one per page.
+    assert opened < pages // 5, (opened, pages)

@@ -373,6 +373,115 @@ async def test_stream_export_pages_rooms_in_order_and_logs_the_outcome(
     assert "Export aborted: early rows=2" in caplog.text
 
 
+class _RecordedReads:
+    """read_page and release_connections stand-ins: what ran on the export's thread, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, read_seconds: float = 0.0) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.read_seconds = read_seconds
+        monkeypatch.setattr(export, "read_page", self.read_page)
+        monkeypatch.setattr(export, "release_connections", self.release)
+
+    def read_page(self, room: Any, after: int, limit: int, *args: Any) -> export.Page:
+        import threading
+        import time
+
+        time.sleep(self.read_seconds)
+        self.events.append(("read", threading.current_thread().name))
+        return export.Page(b"x", 1, after + 1)
+
+    def release(self, ending: bool = False) -> None:
+        import threading
+
+        self.events.append(("end" if ending else "release", threading.current_thread().name))
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+
+ROOM = export.RoomSnapshot(1, "lobby", 100)
+
+
+async def test_reads_in_quick_succession_share_one_connection_and_a_pause_lets_it_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    recorded = _RecordedReads(monkeypatch)
+    reader = export.PageReader(export.FORMATS["ndjson"])
+    for after in range(5):
+        await reader.read(ROOM, after, 1)
+    assert recorded.kinds() == ["read"] * 5  # no close between back-to-back pages
+    await asyncio.sleep(export.CONNECTION_LINGER_SECONDS * 4)
+    assert recorded.kinds() == ["read"] * 5 + ["release"]  # a reader that pauses holds none
+    await reader.read(ROOM, 5, 1)
+    reader.close()
+    reader.close()  # idempotent
+    await asyncio.sleep(export.CONNECTION_LINGER_SECONDS * 4)
+    # The end closes every connection and no lingering release runs after it.
+    assert recorded.kinds() == ["read"] * 5 + ["release", "read", "end"]
+    threads = {thread for _, thread in recorded.events}
+    assert len(threads) == 1 and threads.pop().startswith("chat-export")
+
+
+async def test_closing_during_a_read_closes_the_connection_after_that_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    recorded = _RecordedReads(monkeypatch, read_seconds=0.2)
+    reader = export.PageReader(export.FORMATS["csv"])
+    pending = asyncio.ensure_future(reader.read(ROOM, 0, 1))
+    await asyncio.sleep(0.05)  # the read is running on the thread
+    pending.cancel()
+    reader.close()
+    for _ in range(50):
+        if recorded.kinds() == ["read", "end"]:
+            break
+        await asyncio.sleep(0.02)
+    assert recorded.kinds() == ["read", "end"]
+
+
+async def test_an_export_gives_its_place_back_when_it_ends_or_never_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import gc
+
+    from chat import quotas
+
+    _RecordedReads(monkeypatch)
+    room = export.RoomSnapshot(1, "lobby", 3)
+
+    async def place() -> Any:
+        lease = await quotas.exports.acquire(42, f"holder-{id(object())}")
+        assert lease is not None
+        return lease
+
+    async def settled() -> int:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return quotas.exports.held_here(42)
+
+    def response(lease: Any) -> Any:
+        return export.export_response(
+            [room], export.FORMATS["ndjson"], filename="f", page_size=10, audit="t", lease=lease
+        )
+
+    # Read to the end: the generator's finally gives the place back.
+    done = response(await place())
+    assert await settled() == 1
+    assert b"".join([chunk async for chunk in done]) == b"xxx"
+    assert await settled() == 0
+    # Dropped before the body started (the client left first): no finally ever runs, the
+    # generator's collection gives it back.
+    dropped = response(await place())
+    assert await settled() == 1
+    del dropped
+    gc.collect()
+    assert await settled() == 0
+
+
 def test_pages_shrink_when_rows_are_long() -> None:
     def page(rows: int, size: int) -> export.Page:
         return export.Page(b"x" * size, rows, rows)
@@ -446,3 +555,14 @@ def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.Monke
     sql_page, python_page = both(snapshot, 0, 1000)
     assert sql_page == python_page
     assert b'"created_at":"2026-11-21T06:00:00.500000+00:00"' in sql_page.data
+    # The same for the time of a change (the edited message, seq 4 of kinds).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE chat_message SET edited_at = '2026-11-21 07:00:00.25' WHERE room_id = %s"
+            " AND seq = 4",
+            [kinds.pk],
+        )
+    snapshot = export.RoomSnapshot(kinds.pk, kinds.slug, upto=7)
+    sql_page, python_page = both(snapshot, 0, 1000)
+    assert sql_page == python_page
+    assert b'"edited_at":"2026-11-21T07:00:00.250000+00:00"' in sql_page.data
