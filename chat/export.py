@@ -15,8 +15,9 @@ costs per row without changing a byte: the ORM writes the SQL but a plain cursor
 converters; SQLite datetimes are read as text and become isoformat by string edits), each
 author's username is read once per export (``UsernameCache``) instead of joined per row,
 frames are built from tuples and encoded in one pass per page, and CSV lines are formatted
-directly. On SQLite an NDJSON line is written by SQLite itself (``sqlite_lines_sql``: the same
-bytes, checked; the Python path where it cannot be). Every row still equals
+directly. On SQLite every line is written by SQLite itself, a page at a time
+(``sqlite_lines_sql``: the same bytes, checked; the Python path where it cannot be). Every
+row still equals
 ``protocol.message_frame``: an NDJSON line is the WebSocket
 message frame (the same bytes but for three escaped line separators); a CSV row is the same
 fields, flattened. tests/test_export.py pins both; docs/protocol.md describes them.
@@ -307,16 +308,17 @@ def _column(name: str, sqlite: bool) -> Any:
     return F(name)
 
 
-# --- NDJSON lines built by SQLite -----------------------------------------------------------
+# --- lines built by SQLite -------------------------------------------------------------------
 #
-# On SQLite the database can write each NDJSON line itself: rows never become Python objects,
-# which is 2.4x the rows per CPU second of the Python path before any HTTP (bench/
-# export_floor.py, docs/benchmarks.md). The line must be the bytes the Python path writes:
-# json_quote() escapes exactly as orjson does (checked once per process on every ASCII
-# character and a few others, else this path is off), datetimes become isoformat by the same
-# string edits as iso_datetimes (a row in another shape makes its page take the Python path),
-# and the author's frame comes from a join. Hosts whose user model has a non-integer key or a
-# non-text USERNAME_FIELD, or whose database is not in UTC, use the Python path.
+# On SQLite the database can write each line itself: rows never become Python objects, which
+# is 2.4x the rows per CPU second of the Python path before any HTTP (bench/export_floor.py,
+# docs/benchmarks.md). The line must be the bytes the Python path writes: json_quote()
+# escapes exactly as orjson does (checked once per process on every ASCII character and a
+# few others, else this path is off), CSV cells are neutralised and quoted by csv_field's
+# rules, datetimes become isoformat by the same string edits as iso_datetimes (a row in
+# another shape makes its page take the Python path), and the author comes from a join.
+# Hosts whose user model has a non-integer key or a non-text USERNAME_FIELD, or whose
+# database is not in UTC, use the Python path.
 
 _JSON_QUOTE_PROBE = "".join(map(chr, range(128))) + "\x85\u2028\u2029\ufeff\uffff😀 ✓ 東京"
 _json_quote_matches: dict[str, bool] = {}
@@ -332,9 +334,23 @@ def _printf_sql(template: str, *args: str) -> str:
     return f"printf('{template.replace('%', '%%')}', {', '.join(args)})"
 
 
-def _iso_sql(column: str) -> str:
-    # iso_datetimes' string edits, for a value of _iso_shape_sql's shape, as a JSON string.
-    return _printf_sql('"%sT%s+00:00"', f"substr({column}, 1, 10)", f"substr({column}, 12)")
+def _iso_sql(column: str, json: bool) -> str:
+    # iso_datetimes' string edits, for a value of _iso_shape_sql's shape (as a JSON string).
+    template = '"%sT%s+00:00"' if json else "%sT%s+00:00"
+    return _printf_sql(template, f"substr({column}, 1, 10)", f"substr({column}, 12)")
+
+
+def _csv_field_sql(value: str, neutralise: bool = True) -> str:
+    # csv_field(neutralise_cell(value)): the ' before a formula start needs no quotes itself.
+    prefix = "''"
+    if neutralise:
+        starts = ", ".join(["'='", "'+'", "'-'", "'@'", "char(9)", "char(13)"])
+        prefix = f"CASE WHEN substr({value}, 1, 1) IN ({starts}) THEN '''' ELSE '' END"
+    needs_quotes = " OR ".join(
+        f"instr({value}, {c})" for c in ("','", "'\"'", "char(13)", "char(10)")
+    )
+    quoted = f"""'"' || {prefix} || replace({value}, '"', '""') || '"'"""
+    return f"CASE WHEN {needs_quotes} THEN {quoted} ELSE {prefix} || {value} END"
 
 
 # One printf per line: a chain of || copies the growing line at every step (printf is 1.2-1.5x
@@ -344,12 +360,15 @@ _LINE_FORMAT = (
     '"text":%s,"client_id":%s,"created_at":%s%s%s}'
 )
 _CHANGE_FORMAT = ',"edited_at":%s,"deleted":%s,"update_seq":%d'
+_CSV_FORMAT = "%d,%d,%s,%d,%s,%s,%s,%s,%s,%s,%s"
+# What separates (and ends) the lines of a page, in SQL and as bytes.
+LINE_ENDS = {"ndjson": ("char(10)", b"\n"), "csv": ("char(13) || char(10)", b"\r\n")}
 
 
-def sqlite_lines_sql() -> str | None:
-    """The SQL of one page of NDJSON lines as one row (``SqlPage``; parameters: room slug,
-    room id, after, upto, limit), or None where SQLite cannot write the same bytes as the
-    Python path."""
+def sqlite_lines_sql(fmt: str) -> str | None:
+    """The SQL of one page of ``fmt`` lines as one row (``SqlPage``; parameters: the room's
+    value in a line, room id, after, upto, limit), or None where SQLite cannot write the
+    same bytes as the Python path."""
     from django.db import models
 
     connection = connections[Message.objects.db]
@@ -377,25 +396,49 @@ def sqlite_lines_sql() -> str | None:
         f"{_iso_shape_sql(created)} AND ({m}.update_seq = 0 OR {edited} IS NULL"
         f" OR ({_iso_shape_sql(edited)}))"
     )
-    change = _printf_sql(
-        _CHANGE_FORMAT,
-        f"CASE WHEN {edited} IS NULL THEN 'null' ELSE {_iso_sql(edited)} END",
-        f"CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END",
-        f"{m}.update_seq",
-    )
-    fields = _printf_sql(
-        _LINE_FORMAT,
-        f"{m}.seq",
-        f"{m}.id",
-        "json_quote(%s)",  # the room's slug, a parameter
-        f"{m}.user_id",
-        f"json_quote({u}.{user_name})",
-        f"json_quote({m}.text)",
-        f"CASE WHEN {m}.client_id = '' THEN 'null' ELSE json_quote({m}.client_id) END",
-        _iso_sql(created),
-        f"""CASE WHEN {m}.status = '' THEN '' ELSE ',"status":' || json_quote({m}.status) END""",
-        f"CASE WHEN {m}.update_seq = 0 THEN '' ELSE {change} END",
-    )
+    if fmt == "csv":
+        # printf's %s ends at a NUL (JSON escapes it; CSV keeps it): such a row's page goes
+        # the Python way.
+        texts = (f"{u}.{user_name}", f"{m}.text", f"{m}.client_id")
+        shapes += "".join(f" AND instr(CAST({text} AS BLOB), x'00') = 0" for text in texts)
+        client_id = _csv_field_sql(f"{m}.client_id")
+        fields = _printf_sql(
+            _CSV_FORMAT,
+            f"{m}.seq",
+            f"{m}.id",
+            "%s",  # the room's cell, a parameter
+            f"{m}.user_id",
+            _csv_field_sql(f"{u}.{user_name}"),
+            _csv_field_sql(f"{m}.text"),
+            f"CASE WHEN {m}.client_id = '' THEN '' ELSE {client_id} END",
+            _iso_sql(created, json=False),
+            _csv_field_sql(f"{m}.status", neutralise=False),
+            f"CASE WHEN {m}.update_seq <> 0 AND {edited} IS NOT NULL"
+            f" THEN {_iso_sql(edited, json=False)} ELSE '' END",
+            f"CASE WHEN {m}.update_seq <> 0 AND {m}.deleted THEN 'true' ELSE 'false' END",
+        )
+    else:
+        change = _printf_sql(
+            _CHANGE_FORMAT,
+            f"CASE WHEN {edited} IS NULL THEN 'null' ELSE {_iso_sql(edited, json=True)} END",
+            f"CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END",
+            f"{m}.update_seq",
+        )
+        status_field = f"""',"status":' || json_quote({m}.status)"""
+        status = f"CASE WHEN {m}.status = '' THEN '' ELSE {status_field} END"
+        fields = _printf_sql(
+            _LINE_FORMAT,
+            f"{m}.seq",
+            f"{m}.id",
+            "json_quote(%s)",  # the room's slug, a parameter
+            f"{m}.user_id",
+            f"json_quote({u}.{user_name})",
+            f"json_quote({m}.text)",
+            f"CASE WHEN {m}.client_id = '' THEN 'null' ELSE json_quote({m}.client_id) END",
+            _iso_sql(created, json=True),
+            status,
+            f"CASE WHEN {m}.update_seq = 0 THEN '' ELSE {change} END",
+        )
     line = f"CASE WHEN {shapes} THEN {fields} END"
     # Identifiers from the models' metadata, quoted; every value is a parameter.
     page = (
@@ -410,10 +453,11 @@ def sqlite_lines_sql() -> str | None:
     # before it, the aggregate reads the ordered subquery in its order (the page is not
     # flattened into it: it has a LIMIT), which the byte-for-byte tests pin.
     order = " ORDER BY seq" if sqlite3.sqlite_version_info >= (3, 44, 0) else ""
+    separator = LINE_ENDS[fmt][0]
     return (
         # As a BLOB: the UTF-8 bytes as SQLite holds them, not decoded to str and encoded back.
-        f"SELECT count(*), count(line), max(seq), CAST(group_concat(line, char(10){order})"  # noqa: S608
-        f" AS BLOB) FROM ({page})"
+        f"SELECT count(*), count(line), max(seq),"  # noqa: S608
+        f" CAST(group_concat(line, {separator}{order}) AS BLOB) FROM ({page})"
     )
 
 
@@ -439,9 +483,11 @@ class SqlPage:
     data: bytes | None  # the lines, joined by \n (no final one); None for no rows
 
 
-def fetch_lines(room: RoomSnapshot, after: int, limit: int, sql: str) -> SqlPage:
+def fetch_lines(room: RoomSnapshot, after: int, limit: int, fmt: str, sql: str) -> SqlPage:
+    # The room is the same in every line: its JSON string or CSV cell is made once, here.
+    value = csv_field(neutralise_cell(room.slug)) if fmt == "csv" else room.slug
     with connections[Message.objects.db].cursor() as cursor:
-        cursor.execute(sql, (room.slug, room.id, after, room.upto, limit))
+        cursor.execute(sql, (value, room.id, after, room.upto, limit))
         return SqlPage(*cursor.fetchone())
 
 
@@ -565,12 +611,15 @@ def read_page(
 ) -> Page:
     """Read and encode the next page of a room (the connection stays open: ``PageReader``)."""
     cache = usernames if usernames is not None else UsernameCache()
-    if fmt.name == "ndjson" and (sql := sqlite_lines_sql()) is not None:
-        lines = fetch_lines(room, after, limit, sql)
+    if (sql := sqlite_lines_sql(fmt.name)) is not None:
+        lines = fetch_lines(room, after, limit, fmt.name, sql)
         if not lines.rows:
             return Page(b"", 0, after)
         if lines.lines == lines.rows and lines.data is not None and lines.last_seq is not None:
-            return Page(escape_line_breaks(lines.data + b"\n"), lines.rows, lines.last_seq)
+            data = lines.data + LINE_ENDS[fmt.name][1]
+            if fmt.name == "ndjson":
+                data = escape_line_breaks(data)
+            return Page(data, lines.rows, lines.last_seq)
     rows, db = fetch_rows(room, after, limit)
     if not rows:
         return Page(b"", 0, after)

@@ -277,7 +277,7 @@ def test_read_page_is_the_encoding_of_message_frame_of_each_instance(fmt: str) -
 def test_usernames_are_read_once_per_author_and_the_cache_is_bounded(
     django_assert_num_queries: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export, "sqlite_lines_sql", lambda: None)  # the Python path's cache
+    monkeypatch.setattr(export, "sqlite_lines_sql", lambda fmt: None)  # the Python path's cache
     users = [User.objects.create_user(username=f"u{n}", password="x") for n in range(3)]
     room = Room.objects.create(slug="r", title="R")
     Message.objects.bulk_create(
@@ -503,39 +503,44 @@ def test_line_break_escapes_only_the_line_breaks() -> None:
 
 
 @pytest.mark.django_db
-def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SQLite writes the NDJSON lines itself (chat/export.py): every byte must be what the
-    # Python path (the WebSocket frames) writes, for awkward texts, names and every kind of
-    # message, and a page with a datetime in another shape falls back to Python as a whole.
+@pytest.mark.parametrize("fmt", ["ndjson", "csv"])
+def test_sqlite_built_lines_are_the_python_paths_bytes(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # SQLite writes the lines itself (chat/export.py): every byte must be what the Python
+    # path (the WebSocket frames, their CSV rows) writes, for awkward texts, names and every
+    # kind of message, and a page with a datetime in another shape falls back to Python as
+    # a whole.
     from django.db import connection
 
-    assert export.sqlite_lines_sql() is not None, "the test database should take the SQL path"
+    assert export.sqlite_lines_sql(fmt) is not None, "the test database takes the SQL path"
     users = [
         User.objects.create_user(username=name, password="x")
-        for name in ('we"i\\rd', "zoë 😀", "\u2028x")
+        for name in ('we"i\\rd', "zoë 😀", "\u2028x", "=cmd,x", "-1")
     ]
-    lobby = Room.objects.create(slug="lobby", title="Lobby")
+    # A slug that starts like a formula (its CSV cell is made once, in Python).
+    lobby = Room.objects.create(slug="-lobby", title="Lobby")
     texts = [*CSV_AWKWARD, *LINE_SEPARATORS, "\x00nul", "\x1f\x7f", "</script>", "\\u0041"]
     Message.objects.bulk_create(
         Message(
             room=lobby,
             seq=n,
-            user=users[n % 3],
+            user=users[n % len(users)],
             text=text,
-            client_id="" if n % 2 else f"c-{text[:10]}",
+            client_id="" if n % 2 else f"c-{text[:10]}" if n % 4 else f"={text[:6]}",
             status="stopped" if n % 5 == 0 else "",
         )
         for n, text in enumerate(texts, 1)
     )
     kinds = Room.objects.create(slug="kinds", title="Kinds")
     _every_kind_of_message(kinds, users[1])  # edited, deleted, stopped, on the second
-    ndjson = export.FORMATS["ndjson"]
+    encoding = export.FORMATS[fmt]
 
     def both(snapshot: export.RoomSnapshot, after: int, limit: int) -> list[export.Page]:
-        sql = export.read_page(snapshot, after, limit, ndjson)
+        sql = export.read_page(snapshot, after, limit, encoding)
         with monkeypatch.context() as patched:
-            patched.setattr(export, "sqlite_lines_sql", lambda: None)
-            python = export.read_page(snapshot, after, limit, ndjson)
+            patched.setattr(export, "sqlite_lines_sql", lambda fmt: None)
+            python = export.read_page(snapshot, after, limit, encoding)
         return [sql, python]
 
     for room in (lobby, kinds):
@@ -543,7 +548,9 @@ def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.Monke
         snapshot = export.RoomSnapshot(room.pk, room.slug, upto=upto)
         for after, limit in ((0, 1000), (0, 7), (7, 7), (upto - 1, 5), (upto, 5)):
             sql_page, python_page = both(snapshot, after, limit)
-            assert sql_page == python_page, (room.slug, after, limit)
+            lines = zip(sql_page.data.split(b"\n"), python_page.data.split(b"\n"), strict=False)
+            differing = [(a, b) for a, b in lines if a != b][:3]
+            assert sql_page == python_page, (room.slug, after, limit, differing)
     # What the SQL cannot turn into isoformat by string edits: that page goes the Python way.
     with connection.cursor() as cursor:
         cursor.execute(
@@ -554,7 +561,7 @@ def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.Monke
     snapshot = export.RoomSnapshot(lobby.pk, lobby.slug, upto=len(texts))
     sql_page, python_page = both(snapshot, 0, 1000)
     assert sql_page == python_page
-    assert b'"created_at":"2026-11-21T06:00:00.500000+00:00"' in sql_page.data
+    assert b"2026-11-21T06:00:00.500000+00:00" in sql_page.data
     # The same for the time of a change (the edited message, seq 4 of kinds).
     with connection.cursor() as cursor:
         cursor.execute(
@@ -565,4 +572,4 @@ def test_sqlite_built_lines_are_the_python_paths_bytes(monkeypatch: pytest.Monke
     snapshot = export.RoomSnapshot(kinds.pk, kinds.slug, upto=7)
     sql_page, python_page = both(snapshot, 0, 1000)
     assert sql_page == python_page
-    assert b'"edited_at":"2026-11-21T07:00:00.250000+00:00"' in sql_page.data
+    assert b"2026-11-21T07:00:00.250000+00:00" in sql_page.data
