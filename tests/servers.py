@@ -359,6 +359,13 @@ class DaphneServer(_Process):
 started_daphnes: list[DaphneServer] = []
 
 
+def server_threads(server: DaphneServer) -> int:
+    """Threads of ``server``'s process, as the kernel counts them."""
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
 def db_connections(server: DaphneServer, env: dict[str, str]) -> int:
     """Open database connections of ``server``: PostgreSQL backends, or SQLite file handles."""
     if env.get("DATABASE_URL"):

@@ -466,6 +466,9 @@ async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not
     )
     server = start_daphne({**sqlite_env, "CHAT_EXPORT_MAX_CONCURRENT_PER_USER": "2"})
     alice = await servers.login(server.base_url, "alice")
+    async with client(server, alice) as http:  # the server's own threads, started once
+        assert (await http.get("/chat/lobby/export/?after=1999")).status_code == 200
+    threads_before = servers.server_threads(server)
     small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)]
     async with contextlib.AsyncExitStack() as stack:
         held = []
@@ -477,6 +480,9 @@ async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not
             )
             assert response.status_code == 200
             held.append(response)
+        # One thread per export, its reader: the request's own thread ended as the body began.
+        threads = servers.server_threads(server) - threads_before
+        assert threads <= len(held), f"{threads} threads for {len(held)} stalled exports"
         async with client(server, alice) as http:
             refused = await http.get("/chat/lobby/export/?format=ndjson")
             assert refused.status_code == 429

@@ -35,6 +35,7 @@ from tests.servers import (
     login,
     recv_until,
     run_django_script,
+    server_threads,
     ws_connect,
 )
 
@@ -404,12 +405,6 @@ async def test_disconnects_release_streams(server: DaphneServer) -> None:
             for stream in streams:
                 assert (await stream.notification(WAIT))["title"] == "still live"
     assert "Traceback" not in server.log_tail(20000)
-
-
-def server_threads(server: DaphneServer) -> int:
-    assert server.proc is not None
-    status = Path(f"/proc/{server.proc.pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
 
 
 async def test_held_streams_keep_no_thread_each(server: DaphneServer) -> None:
