@@ -470,19 +470,21 @@ async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not
         assert (await http.get("/chat/lobby/export/?after=1999")).status_code == 200
     threads_before = servers.server_threads(server)
     small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)]
+
+    async def stall(stack: contextlib.AsyncExitStack, cookie: str, path: str) -> None:
+        """Start a download and read none of it (a small receive buffer: it stalls soon)."""
+        transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
+        http = await stack.enter_async_context(client(server, cookie, transport=transport))
+        response = await stack.enter_async_context(http.stream("GET", path))
+        assert response.status_code == 200
+
     async with contextlib.AsyncExitStack() as stack:
-        held = []
-        for _ in range(2):
-            transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
-            http = await stack.enter_async_context(client(server, alice, transport=transport))
-            response = await stack.enter_async_context(
-                http.stream("GET", "/chat/lobby/export/?format=csv")
-            )
-            assert response.status_code == 200
-            held.append(response)
+        held = 2
+        for _ in range(held):
+            await stall(stack, alice, "/chat/lobby/export/?format=csv")
         # One thread per export, its reader: the request's own thread ended as the body began.
         threads = servers.server_threads(server) - threads_before
-        assert threads <= len(held), f"{threads} threads for {len(held)} stalled exports"
+        assert threads <= held, f"{threads} threads for {held} stalled exports"
         async with client(server, alice) as http:
             refused = await http.get("/chat/lobby/export/?format=ndjson")
             assert refused.status_code == 429
@@ -496,15 +498,8 @@ async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not
             assert [f["seq"] for f in ndjson(response.content)] == list(range(1991, 2001))
             # Staff exporting from the admin count against their own cap: at it, the change
             # list says why instead of starting a download.
-            stalled = []
             for _ in range(2):
-                transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
-                staff = await stack.enter_async_context(client(server, root, transport=transport))
-                response = await stack.enter_async_context(
-                    staff.stream("GET", "/chat/lobby/export/")
-                )
-                assert response.status_code == 200
-                stalled.append(response)
+                await stall(stack, root, "/chat/lobby/export/")
         rooms = run_script(sqlite_env)
         refused_admin = await _admin_action(server, root, "export_messages_csv", [rooms["lobby"]])
         assert "text/csv" not in refused_admin.headers.get("content-type", "")
