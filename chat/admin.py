@@ -66,14 +66,15 @@ class RoomAdmin(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[Room], fmt: str
     ) -> HttpResponseBase | None:
         """Stream the rooms' messages the way the export view does, rooms in slug order."""
+        rows = queryset.order_by("slug").values_list("id", "slug", "last_seq")
+        rooms = [RoomSnapshot(pk, slug, upto) for pk, slug, upto in rows]
+        slugs = ",".join(room.slug for room in rooms[:10]) + (",..." if len(rooms) > 10 else "")
         # Staff count against the same per-user cap as everyone (an export holds a thread).
+        # Taken last: from here on the response owns it (and gives it back however it ends).
         lease = async_to_sync(quotas.exports.acquire)(cast(int, request.user.pk), uuid.uuid4().hex)
         if lease is None:
             self.message_user(request, too_many_exports_message(), messages.ERROR)
             return None  # back to the change list, which shows the message
-        rows = queryset.order_by("slug").values_list("id", "slug", "last_seq")
-        rooms = [RoomSnapshot(pk, slug, upto) for pk, slug, upto in rows]
-        slugs = ",".join(room.slug for room in rooms[:10]) + (",..." if len(rooms) > 10 else "")
         return export_response(
             rooms,
             FORMATS[fmt],

@@ -62,7 +62,7 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_MAX_OWNED_ROOMS": app_settings.MAX_OWNED_ROOMS,
         "CHAT_SEARCH_PAGE_SIZE": app_settings.SEARCH_PAGE_SIZE,
         "CHAT_SEARCH_PAGE_MAX": app_settings.SEARCH_PAGE_MAX,
-        "CHAT_SEARCH_MAX_QUERY_CHARS": app_settings.SEARCH_MAX_QUERY_CHARS,
+        "CHAT_SEARCH_MAX_QUERY_BYTES": app_settings.SEARCH_MAX_QUERY_BYTES,
         "CHAT_SEARCH_RATE_LIMIT": app_settings.SEARCH_RATE_LIMIT,
         "CHAT_SEARCH_RATE_LIMIT_WINDOW_SECONDS": app_settings.SEARCH_RATE_LIMIT_WINDOW_SECONDS,
         "CHAT_EDIT_RATE_LIMIT": app_settings.EDIT_RATE_LIMIT,
@@ -83,6 +83,14 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 f"{', '.join(moved)} no longer apply: mentions are chat's.",
                 hint="Rename them to " + ", ".join(MOVED_SETTINGS[name] for name in moved) + ".",
                 id="chat.W003",
+            )
+        )
+    if hasattr(settings, "CHAT_SEARCH_MAX_QUERY_CHARS"):
+        errors.append(
+            Warning(
+                "CHAT_SEARCH_MAX_QUERY_CHARS no longer applies: the query limit counts bytes.",
+                hint="Set CHAT_SEARCH_MAX_QUERY_BYTES (UTF-8 bytes, default 400) instead.",
+                id="chat.W005",
             )
         )
     heartbeat = app_settings.ASSISTANT_HEARTBEAT_SECONDS

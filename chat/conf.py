@@ -415,9 +415,9 @@ class ChatSettings:
         return int(self._get("SEARCH_PAGE_MAX", 50))
 
     @property
-    def SEARCH_MAX_QUERY_CHARS(self) -> int:
-        """Longest search query ``q``, in characters; a longer one is refused (400)."""
-        return int(self._get("SEARCH_MAX_QUERY_CHARS", 200))
+    def SEARCH_MAX_QUERY_BYTES(self) -> int:
+        """Longest search query ``q``, in UTF-8 bytes; a longer one is refused (400)."""
+        return int(self._get("SEARCH_MAX_QUERY_BYTES", 400))
 
     @property
     def SEARCH_RATE_LIMIT(self) -> int:

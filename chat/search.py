@@ -38,14 +38,15 @@ class SearchParams:
 
 
 def parse_search_params(
-    query: Mapping[str, str], *, max_chars: int, default_limit: int, max_limit: int
+    query: Mapping[str, str], *, max_bytes: int, default_limit: int, max_limit: int
 ) -> SearchParams:
-    """Read ``q`` (1..max_chars characters), ``before`` (a message id) and ``limit``."""
+    """Read ``q`` (1..max_bytes bytes of UTF-8), ``before`` (a message id) and ``limit``."""
     q = query.get("q", "").strip()
     if not q:
         raise BadParameter("q must not be empty.")
-    if len(q) > max_chars:
-        raise BadParameter(f"q is longer than {max_chars} characters.")
+    # In bytes: what a search costs (the pattern the database scans with) grows with them.
+    if len(q.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise BadParameter(f"q is longer than {max_bytes} bytes (UTF-8).")
     if "\x00" in q:
         raise BadParameter("q contains a NUL character.")
     before = query.get("before")

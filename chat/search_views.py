@@ -30,7 +30,7 @@ def _respond(request: HttpRequest, rooms: Any, room: Room | None) -> HttpRespons
     try:
         params = search.parse_search_params(
             request.GET,
-            max_chars=app_settings.SEARCH_MAX_QUERY_CHARS,
+            max_bytes=app_settings.SEARCH_MAX_QUERY_BYTES,
             default_limit=app_settings.SEARCH_PAGE_SIZE,
             max_limit=app_settings.SEARCH_PAGE_MAX,
         )

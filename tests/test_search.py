@@ -111,7 +111,8 @@ def test_pages_walk_back_without_repeats(alice: User, rooms: tuple[Room, Room]) 
         {},
         {"q": ""},
         {"q": "   "},
-        {"q": "x" * 201},
+        {"q": "x" * 401},
+        {"q": "é" * 201},  # 201 characters, 402 bytes
         {"q": "a", "limit": "0"},
         {"q": "a", "before": "-1"},
     ],
@@ -132,11 +133,23 @@ def test_page_size_is_capped(alice: User, rooms: tuple[Room, Room]) -> None:
 
 def test_params_are_parsed_and_bounded() -> None:
     params = search.parse_search_params(
-        {"q": "  hi  ", "before": "9", "limit": "500"}, max_chars=5, default_limit=2, max_limit=50
+        {"q": "  hi  ", "before": "9", "limit": "500"}, max_bytes=5, default_limit=2, max_limit=50
     )
     assert params == search.SearchParams(q="hi", before=9, limit=50)
     with pytest.raises(BadParameter):
-        search.parse_search_params({"q": "a\x00"}, max_chars=5, default_limit=2, max_limit=5)
+        search.parse_search_params({"q": "a\x00"}, max_bytes=5, default_limit=2, max_limit=5)
+    # The bound counts UTF-8 bytes: five ASCII letters fit in 5, three é (6 bytes) do not.
+    assert search.parse_search_params({"q": "abcde"}, max_bytes=5, default_limit=2, max_limit=5)
+    with pytest.raises(BadParameter, match="longer than 5 bytes"):
+        search.parse_search_params({"q": "ééé"}, max_bytes=5, default_limit=2, max_limit=5)
+
+
+def test_the_old_query_length_setting_is_reported() -> None:
+    from chat.checks import check_chat_settings
+
+    assert "chat.W005" not in [m.id for m in check_chat_settings()]
+    with override_settings(CHAT_SEARCH_MAX_QUERY_CHARS=100):
+        assert "chat.W005" in [m.id for m in check_chat_settings()]
 
 
 def test_html_page_escapes_and_links(alice: User, rooms: tuple[Room, Room]) -> None:
