@@ -41,7 +41,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections, connections
+from django.db import close_old_connections, connections, router
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F, TextField
 from django.db.models.functions import Cast
@@ -317,8 +317,8 @@ def _column(name: str, sqlite: bool) -> Any:
 # few others, else this path is off), CSV cells are neutralised and quoted by csv_field's
 # rules, datetimes become isoformat by the same string edits as iso_datetimes (a row in
 # another shape makes its page take the Python path), and the author comes from a join.
-# Hosts whose user model has a non-integer key or a non-text USERNAME_FIELD, or whose
-# database is not in UTC, use the Python path.
+# Hosts whose user model has a non-integer key or a non-text USERNAME_FIELD or lives in
+# another database, or whose database is not in UTC, use the Python path.
 
 _JSON_QUOTE_PROBE = "".join(map(chr, range(128))) + "\x85\u2028\u2029\ufeff\uffff😀 ✓ 東京"
 _json_quote_matches: dict[str, bool] = {}
@@ -335,9 +335,12 @@ def _printf_sql(template: str, *args: str) -> str:
 
 
 def _iso_sql(column: str, json: bool) -> str:
-    # iso_datetimes' string edits, for a value of _iso_shape_sql's shape (as a JSON string).
-    template = '"%sT%s+00:00"' if json else "%sT%s+00:00"
-    return _printf_sql(template, f"substr({column}, 1, 10)", f"substr({column}, 12)")
+    # iso_datetimes' string edits, for a value of _iso_shape_sql's shape. As JSON, quoted by
+    # json_quote as orjson quotes it: the shape check does not look at every character, and
+    # a value written by hand could hold a quote. (CSV writes dates as they are, as
+    # csv_lines does.)
+    iso = _printf_sql("%sT%s+00:00", f"substr({column}, 1, 10)", f"substr({column}, 12)")
+    return f"json_quote({iso})" if json else iso
 
 
 def _csv_field_sql(value: str, neutralise: bool = True) -> str:
@@ -375,9 +378,11 @@ def sqlite_lines_sql(fmt: str) -> str | None:
     connection = connections[Message.objects.db]
     if connection.vendor != "sqlite" or not settings.USE_TZ:
         return None
+    user_model = get_user_model()
+    if router.db_for_read(user_model) != connection.alias:
+        return None  # the join needs the users in the messages' database
     if connection.timezone_name != "UTC":
         return None
-    user_model = get_user_model()
     username = user_model._meta.get_field(user_model.USERNAME_FIELD)
     if not isinstance(user_model._meta.pk, models.IntegerField):
         return None
@@ -659,9 +664,11 @@ class PageReader:
         self._read = sync_to_async(read_page, thread_sensitive=False, executor=self._executor)
         self._linger: asyncio.TimerHandle | None = None
         self._closed = False
+        self._started = False  # the thread exists once a read was submitted
 
     async def read(self, room: RoomSnapshot, after: int, limit: int) -> Page:
         self._stop_lingering()
+        self._started = True
         try:
             return await self._read(room, after, limit, self.fmt, self.usernames)
         finally:
@@ -675,7 +682,8 @@ class PageReader:
             return
         self._closed = True
         self._stop_lingering()
-        self._executor.submit(release_connections, True)
+        if self._started:
+            self._executor.submit(release_connections, True)
         self._executor.shutdown(wait=False)
 
     def _release(self) -> None:
@@ -750,9 +758,9 @@ async def stream_export(
             # The thread finishes its page on its own; close() queues behind it.
             pending.cancel()
             pending.add_done_callback(_forget)
-        reader.close()
         if lease is not None:
             lease.release_soon()
+        reader.close()
         logger.info("Export %s: %s rows=%d", outcome, audit, rows)
 
 

@@ -509,67 +509,83 @@ def test_sqlite_built_lines_are_the_python_paths_bytes(
 ) -> None:
     # SQLite writes the lines itself (chat/export.py): every byte must be what the Python
     # path (the WebSocket frames, their CSV rows) writes, for awkward texts, names and every
-    # kind of message, and a page with a datetime in another shape falls back to Python as
-    # a whole.
+    # kind of message; a page SQLite cannot write falls back to Python as a whole.
     from django.db import connection
 
-    assert export.sqlite_lines_sql(fmt) is not None, "the test database takes the SQL path"
+    sql = export.sqlite_lines_sql(fmt)
+    assert sql is not None, "the test database takes the SQL path"
     users = [
         User.objects.create_user(username=name, password="x")
         for name in ('we"i\\rd', "zoë 😀", "\u2028x", "=cmd,x", "-1")
     ]
-    # A slug that starts like a formula (its CSV cell is made once, in Python).
-    lobby = Room.objects.create(slug="-lobby", title="Lobby")
-    texts = [*CSV_AWKWARD, *LINE_SEPARATORS, "\x00nul", "\x1f\x7f", "</script>", "\\u0041"]
-    Message.objects.bulk_create(
-        Message(
-            room=lobby,
-            seq=n,
-            user=users[n % len(users)],
-            text=text,
-            client_id="" if n % 2 else f"c-{text[:10]}" if n % 4 else f"={text[:6]}",
-            status="stopped" if n % 5 == 0 else "",
+    texts = [*CSV_AWKWARD, *LINE_SEPARATORS, "\x1f\x7f", "</script>", "\\u0041", "50% %s %d %%"]
+
+    def room_of(slug: str, texts: list[str]) -> export.RoomSnapshot:
+        room = Room.objects.create(slug=slug, title=slug)
+        Message.objects.bulk_create(
+            Message(
+                room=room,
+                seq=n,
+                user=users[n % len(users)],
+                text=text,
+                client_id="" if n % 2 else f"c-{text[:10]}" if n % 4 else f"={text[:6]}",
+                status="stopped" if n % 5 == 0 else "",
+            )
+            for n, text in enumerate(texts, 1)
         )
-        for n, text in enumerate(texts, 1)
-    )
-    kinds = Room.objects.create(slug="kinds", title="Kinds")
-    _every_kind_of_message(kinds, users[1])  # edited, deleted, stopped, on the second
+        return export.RoomSnapshot(room.pk, room.slug, upto=len(texts))
+
+    # A slug that starts like a formula (its CSV cell is made once, in Python).
+    lobby = room_of("-lobby", texts)
+    kinds_room = Room.objects.create(slug="kinds", title="Kinds")
+    _every_kind_of_message(kinds_room, users[1])  # edited, deleted, stopped, on the second
+    kinds = export.RoomSnapshot(kinds_room.pk, "kinds", upto=7)
     encoding = export.FORMATS[fmt]
 
-    def both(snapshot: export.RoomSnapshot, after: int, limit: int) -> list[export.Page]:
-        sql = export.read_page(snapshot, after, limit, encoding)
+    def by_sql(snapshot: export.RoomSnapshot, after: int, limit: int) -> bool:
+        """Whether SQLite writes every line of this page (else it goes the Python way)."""
+        lines = export.fetch_lines(snapshot, after, limit, fmt, sql)
+        return lines.lines == lines.rows
+
+    def same_bytes(snapshot: export.RoomSnapshot, after: int, limit: int) -> export.Page:
+        page = export.read_page(snapshot, after, limit, encoding)
         with monkeypatch.context() as patched:
             patched.setattr(export, "sqlite_lines_sql", lambda fmt: None)
             python = export.read_page(snapshot, after, limit, encoding)
-        return [sql, python]
+        lines = zip(page.data.split(b"\n"), python.data.split(b"\n"), strict=False)
+        differing = [(a, b) for a, b in lines if a != b][:3]
+        assert page == python, (snapshot.slug, after, limit, differing)
+        return page
 
-    for room in (lobby, kinds):
-        upto = Message.objects.filter(room=room).count()
-        snapshot = export.RoomSnapshot(room.pk, room.slug, upto=upto)
+    for snapshot in (lobby, kinds):
+        upto = snapshot.upto
         for after, limit in ((0, 1000), (0, 7), (7, 7), (upto - 1, 5), (upto, 5)):
-            sql_page, python_page = both(snapshot, after, limit)
-            lines = zip(sql_page.data.split(b"\n"), python_page.data.split(b"\n"), strict=False)
-            differing = [(a, b) for a, b in lines if a != b][:3]
-            assert sql_page == python_page, (room.slug, after, limit, differing)
+            assert by_sql(snapshot, after, limit), (snapshot.slug, after, limit)
+            same_bytes(snapshot, after, limit)
+    # A NUL: JSON escapes it, so NDJSON keeps the SQL path; printf would stop at it in a CSV
+    # cell, so that page of CSV goes the Python way.
+    nul = room_of("nul", ["before", "\x00nul", "after"])
+    assert by_sql(nul, 0, 10) is (fmt == "ndjson")
+    assert b"\x00nul" in same_bytes(nul, 0, 10).data or fmt == "ndjson"
+
+    def set_time(snapshot: export.RoomSnapshot, column: str, seq: int, value: str) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                # column is one of two literals here; the values are parameters.
+                f"UPDATE chat_message SET {column} = %s WHERE room_id = %s AND seq = %s",  # noqa: S608
+                [value, snapshot.id, seq],
+            )
+
     # What the SQL cannot turn into isoformat by string edits: that page goes the Python way.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE chat_message SET created_at = '2026-11-21 06:00:00.5' WHERE room_id = %s"
-            " AND seq = 3",
-            [lobby.pk],
-        )
-    snapshot = export.RoomSnapshot(lobby.pk, lobby.slug, upto=len(texts))
-    sql_page, python_page = both(snapshot, 0, 1000)
-    assert sql_page == python_page
-    assert b"2026-11-21T06:00:00.500000+00:00" in sql_page.data
+    set_time(lobby, "created_at", 3, "2026-11-21 06:00:00.5")
+    assert not by_sql(lobby, 0, 1000)
+    assert b"2026-11-21T06:00:00.500000+00:00" in same_bytes(lobby, 0, 1000).data
     # The same for the time of a change (the edited message, seq 4 of kinds).
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE chat_message SET edited_at = '2026-11-21 07:00:00.25' WHERE room_id = %s"
-            " AND seq = 4",
-            [kinds.pk],
-        )
-    snapshot = export.RoomSnapshot(kinds.pk, kinds.slug, upto=7)
-    sql_page, python_page = both(snapshot, 0, 1000)
-    assert sql_page == python_page
-    assert b"2026-11-21T07:00:00.250000+00:00" in sql_page.data
+    set_time(kinds, "edited_at", 4, "2026-11-21 07:00:00.25")
+    assert not by_sql(kinds, 0, 1000)
+    assert b"2026-11-21T07:00:00.250000+00:00" in same_bytes(kinds, 0, 1000).data
+    # A value of the right shape written by hand, with a quote in it: JSON still escapes it.
+    quoted = room_of("quoted", ["one"])
+    set_time(quoted, "created_at", 1, '2026-11-21 06:00:0"')
+    assert by_sql(quoted, 0, 10)
+    same_bytes(quoted, 0, 10)
