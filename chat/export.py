@@ -369,6 +369,50 @@ _CSV_FORMAT = "%d,%d,%s,%d,%s,%s,%s,%s,%s,%s,%s"
 LINE_ENDS = {"ndjson": ("char(10)", b"\n"), "csv": ("char(13) || char(10)", b"\r\n")}
 
 
+def _csv_fields_sql(m: str, username: str, created: str, edited: str) -> str:
+    # csv_lines' row; the room's cell is a parameter (made once, in fetch_lines).
+    client_id = _csv_field_sql(f"{m}.client_id")
+    return _printf_sql(
+        _CSV_FORMAT,
+        f"{m}.seq",
+        f"{m}.id",
+        "%s",
+        f"{m}.user_id",
+        _csv_field_sql(username),
+        _csv_field_sql(f"{m}.text"),
+        f"CASE WHEN {m}.client_id = '' THEN '' ELSE {client_id} END",
+        _iso_sql(created, json=False),
+        _csv_field_sql(f"{m}.status", neutralise=False),
+        f"CASE WHEN {m}.update_seq <> 0 AND {edited} IS NOT NULL"
+        f" THEN {_iso_sql(edited, json=False)} ELSE '' END",
+        f"CASE WHEN {m}.update_seq <> 0 AND {m}.deleted THEN 'true' ELSE 'false' END",
+    )
+
+
+def _ndjson_fields_sql(m: str, username: str, created: str, edited: str) -> str:
+    # protocol.message_frame as orjson writes it; the room's slug is a parameter.
+    change = _printf_sql(
+        _CHANGE_FORMAT,
+        f"CASE WHEN {edited} IS NULL THEN 'null' ELSE {_iso_sql(edited, json=True)} END",
+        f"CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END",
+        f"{m}.update_seq",
+    )
+    status = f"""',"status":' || json_quote({m}.status)"""
+    return _printf_sql(
+        _LINE_FORMAT,
+        f"{m}.seq",
+        f"{m}.id",
+        "json_quote(%s)",
+        f"{m}.user_id",
+        f"json_quote({username})",
+        f"json_quote({m}.text)",
+        f"CASE WHEN {m}.client_id = '' THEN 'null' ELSE json_quote({m}.client_id) END",
+        _iso_sql(created, json=True),
+        f"CASE WHEN {m}.status = '' THEN '' ELSE {status} END",
+        f"CASE WHEN {m}.update_seq = 0 THEN '' ELSE {change} END",
+    )
+
+
 def sqlite_lines_sql(fmt: str) -> str | None:
     """The SQL of one page of ``fmt`` lines as one row (``SqlPage``; parameters: the room's
     value in a line, room id, after, upto, limit), or None where SQLite cannot write the
@@ -407,44 +451,9 @@ def sqlite_lines_sql(fmt: str) -> str | None:
         # the Python way.
         texts = (f"{u}.{user_name}", f"{m}.text", f"{m}.client_id")
         shapes += "".join(f" AND instr({text}, char(0)) = 0" for text in texts)
-        client_id = _csv_field_sql(f"{m}.client_id")
-        fields = _printf_sql(
-            _CSV_FORMAT,
-            f"{m}.seq",
-            f"{m}.id",
-            "%s",  # the room's cell, a parameter
-            f"{m}.user_id",
-            _csv_field_sql(f"{u}.{user_name}"),
-            _csv_field_sql(f"{m}.text"),
-            f"CASE WHEN {m}.client_id = '' THEN '' ELSE {client_id} END",
-            _iso_sql(created, json=False),
-            _csv_field_sql(f"{m}.status", neutralise=False),
-            f"CASE WHEN {m}.update_seq <> 0 AND {edited} IS NOT NULL"
-            f" THEN {_iso_sql(edited, json=False)} ELSE '' END",
-            f"CASE WHEN {m}.update_seq <> 0 AND {m}.deleted THEN 'true' ELSE 'false' END",
-        )
+        fields = _csv_fields_sql(m, f"{u}.{user_name}", created, edited)
     else:
-        change = _printf_sql(
-            _CHANGE_FORMAT,
-            f"CASE WHEN {edited} IS NULL THEN 'null' ELSE {_iso_sql(edited, json=True)} END",
-            f"CASE WHEN {m}.deleted THEN 'true' ELSE 'false' END",
-            f"{m}.update_seq",
-        )
-        status_field = f"""',"status":' || json_quote({m}.status)"""
-        status = f"CASE WHEN {m}.status = '' THEN '' ELSE {status_field} END"
-        fields = _printf_sql(
-            _LINE_FORMAT,
-            f"{m}.seq",
-            f"{m}.id",
-            "json_quote(%s)",  # the room's slug, a parameter
-            f"{m}.user_id",
-            f"json_quote({u}.{user_name})",
-            f"json_quote({m}.text)",
-            f"CASE WHEN {m}.client_id = '' THEN 'null' ELSE json_quote({m}.client_id) END",
-            _iso_sql(created, json=True),
-            status,
-            f"CASE WHEN {m}.update_seq = 0 THEN '' ELSE {change} END",
-        )
+        fields = _ndjson_fields_sql(m, f"{u}.{user_name}", created, edited)
     line = f"CASE WHEN {shapes} THEN {fields} END"
     # Identifiers from the models' metadata, quoted; every value is a parameter.
     page = (

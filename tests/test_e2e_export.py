@@ -453,17 +453,7 @@ async def test_a_user_holding_stalled_exports_is_refused_more_and_others_are_not
     # The attack: open export after export and read none of them, each holding a thread (and
     # with no cap a database connection) on the server.
     seed(sqlite_env, "lobby", 2000, size=ROW_TEXT_CHARS)  # 8 MB: far more than buffers hold
-    run_script(
-        sqlite_env,
-        users=[
-            {
-                "username": "root",
-                "password": servers.TEST_PASSWORD,
-                "staff": True,
-                "superuser": True,
-            }
-        ],
-    )
+    servers.create_superuser(sqlite_env, "root", servers.TEST_PASSWORD)
     server = start_daphne({**sqlite_env, "CHAT_EXPORT_MAX_CONCURRENT_PER_USER": "2"})
     alice = await servers.login(server.base_url, "alice")
     async with client(server, alice) as http:  # the server's own threads, started once

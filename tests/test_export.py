@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import gc
 import io
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -383,16 +387,11 @@ class _RecordedReads:
         monkeypatch.setattr(export, "release_connections", self.release)
 
     def read_page(self, room: Any, after: int, limit: int, *args: Any) -> export.Page:
-        import threading
-        import time
-
         time.sleep(self.read_seconds)
         self.events.append(("read", threading.current_thread().name))
         return export.Page(b"x", 1, after + 1)
 
     def release(self, ending: bool = False) -> None:
-        import threading
-
         self.events.append(("end" if ending else "release", threading.current_thread().name))
 
     def kinds(self) -> list[str]:
@@ -405,7 +404,6 @@ ROOM = export.RoomSnapshot(1, "lobby", 100)
 async def test_reads_in_quick_succession_share_one_connection_and_a_pause_lets_it_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import asyncio
 
     recorded = _RecordedReads(monkeypatch)
     reader = export.PageReader(export.FORMATS["ndjson"])
@@ -427,7 +425,6 @@ async def test_reads_in_quick_succession_share_one_connection_and_a_pause_lets_i
 async def test_closing_during_a_read_closes_the_connection_after_that_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import asyncio
 
     recorded = _RecordedReads(monkeypatch, read_seconds=0.2)
     reader = export.PageReader(export.FORMATS["csv"])
@@ -445,8 +442,6 @@ async def test_closing_during_a_read_closes_the_connection_after_that_read(
 async def test_an_export_gives_its_place_back_when_it_ends_or_never_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import asyncio
-    import gc
 
     from chat import quotas
 
