@@ -25,7 +25,7 @@ from django.db.models import Count, F, IntegerField, OuterRef, Q, QuerySet, Subq
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from . import mentions, protocol
+from . import batch_sql, mentions, protocol
 from .conf import app_settings
 from .delivery.hub import CONTROL_GROUP, room_group
 from .models import Membership, Message, ReadMarker, Room
@@ -212,24 +212,24 @@ def post_messages(
             .only("id", "slug", "last_seq", "is_private")
             .get(pk=room_id)
         )
-        keyed = [r for r in requests if r.client_id]
-        known: dict[tuple[int, str], Message] = {}
-        if keyed:
-            rows = Message.objects.filter(
-                room=room,
-                user_id__in={r.user.pk for r in keyed},
-                client_id__in={r.client_id for r in keyed},
-            )
-            known = {(m.user_id, m.client_id): m for m in rows}
+        known = batch_sql.stored_by_client_id(
+            room, [(r.user.pk, r.client_id) for r in requests if r.client_id]
+        )
         refused = _refusals(room, requests)
         recent = _recent_counts(requests)
         limit = app_settings.RATE_LIMIT_MESSAGES
-        new: list[tuple[int, Message]] = []
+        new: list[tuple[int, batch_sql.NewMessage]] = []
+        # A resend of a client_id earlier in this batch: (its index, the first one's in new).
+        resent: list[tuple[int, int]] = []
+        batch_keys: dict[tuple[int, str], int] = {}
         seq = room.last_seq
         for index, request in enumerate(requests):
             key = (request.user.pk, request.client_id)
             if request.client_id and key in known:
                 outcomes[index] = PostResult(known[key], created=False)
+                continue
+            if request.client_id and key in batch_keys:
+                resent.append((index, batch_keys[key]))
                 continue
             if request.check_rate:
                 if request.user.pk in refused:
@@ -240,24 +240,22 @@ def post_messages(
                     continue
                 recent[request.user.pk] += 1
             seq += 1
-            message = Message(
-                room=room,
-                seq=seq,
-                user=request.user,
-                text=request.text,
-                client_id=request.client_id,
-                status=request.status,
-            )
-            new.append((index, message))
-            outcomes[index] = PostResult(message, created=True)
             if request.client_id:
-                known[key] = message  # a resend later in the same batch
+                batch_keys[key] = len(new)
+            row = batch_sql.NewMessage(
+                seq, request.user, request.text, request.client_id, request.status
+            )
+            new.append((index, row))
         if not new:
             return [o for o in outcomes if o is not None]
-        Message.objects.bulk_create([m for _, m in new])
+        messages = batch_sql.insert_messages(room, [row for _, row in new])
+        for (index, _), message in zip(new, messages, strict=True):
+            outcomes[index] = PostResult(message, created=True)
+        for index, first in resent:
+            outcomes[index] = PostResult(messages[first], created=False)
         Room.objects.filter(pk=room.pk).update(last_seq=seq)
         budget = app_settings.MAX_SEND_BYTES
-        for index, message in new:
+        for (index, _), message in zip(new, messages, strict=True):
             request = requests[index]
             enc = protocol.message_encoded(message, room.slug, request.user, budget)
             event = {"type": protocol.EVENT_MESSAGE, "seq": message.seq, "text": enc.text}
