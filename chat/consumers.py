@@ -17,11 +17,11 @@ Bounds, per socket (docs/protocol.md "Limits"):
   (``inbound``); obvious floods are refused by a per-process window before any transaction;
 - every server message is packed within ``CHAT_MAX_SEND_BYTES``;
 - sends are pipelined: up to ``CHAT_MAX_PENDING_SENDS`` of a socket's sends are in flight
-  (``_pending``), so a client that does not wait for acks gets them into the same group commit
-  (``chat.ingest``). They are submitted in the order received and answered in that order (each
-  answer awaits the previous one); at the bound the socket reads no further frame until the
-  oldest is answered, and any other frame first waits until all are (``_settle``), so every
-  answer keeps the order of the client's frames.
+  (``_sends``), so a client that does not wait for acks gets them into the same group commit
+  (``chat.ingest``). They are submitted in the order received and answered in that order (a
+  done callback answers the oldest ones whose outcome is known); at the bound the socket reads
+  no further frame until the oldest is answered, and any other frame first waits until all
+  are (``_settle``), so every answer keeps the order of the client's frames.
 
 Cleanup runs in ``__call__``'s ``finally``: also when daphne cancels the application without
 a ``disconnect`` (its close timeout, a crash mid-resume), so no presence entry outlives it.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -87,6 +87,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     socket_lease: Lease | None = None
     msgpack = False  # frames as MessagePack (subprotocol chat.v1.msgpack)
     max_outbound_bytes = 1024 * 1024  # CHAT_MAX_OUTBOUND_BYTES, read when the socket starts
+    limits: protocol.Limits  # what a client may send (CHAT_MAX_*), read when the socket starts
     counted = False  # in the open-sockets gauge
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,9 +95,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.conn_id = uuid.uuid4().hex
         self._background: set[asyncio.Task[None]] = set()
         self._ended = False
-        # This socket's sends in flight, oldest first: each task answers one send, after the
-        # one before it (so in order), and leaves the deque once done.
-        self._pending: collections.deque[asyncio.Task[None]] = collections.deque()
+        # This socket's sends in flight, oldest first; each leaves once answered (in order).
+        self._sends: collections.deque[_Send] = collections.deque()
+        self._asking: asyncio.Task[None] | None = None  # the oldest send's assistant request
+        self._advanced: asyncio.Future[None] | None = None  # done when the oldest is answered
         self.max_pending_sends = app_settings.MAX_PENDING_SENDS
 
     # --- the ASGI application ------------------------------------------------------------
@@ -113,6 +115,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Read once: the bound is checked on every write (a settings lookup per frame was ~3%
         # of the server's CPU in bench/fanout.py).
         self.max_outbound_bytes = app_settings.MAX_OUTBOUND_BYTES
+        # The same for what a client may send: four lookups per received message were ~2 %
+        # of the server's CPU in bench/ingest.py (py-spy).
+        self.limits = protocol.Limits(
+            max_text_length=app_settings.MAX_TEXT_LENGTH,
+            max_frame_bytes=app_settings.MAX_FRAME_BYTES,
+            max_frames_per_message=app_settings.MAX_FRAMES_PER_MESSAGE,
+            max_text_bytes=app_settings.MAX_TEXT_BYTES,
+        )
         protocol_ = writers.daphne_protocol(send)
         receive = inbound.bound_receive(receive, protocol_, app_settings.MAX_INBOUND_BYTES)
         try:
@@ -371,17 +381,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._settle()
             self._error(protocol.BAD_FRAME, f"Send {wanted} messages on this socket.")
             return
-        limits = protocol.Limits(
-            max_text_length=app_settings.MAX_TEXT_LENGTH,
-            max_frame_bytes=app_settings.MAX_FRAME_BYTES,
-            max_frames_per_message=app_settings.MAX_FRAMES_PER_MESSAGE,
-            max_text_bytes=app_settings.MAX_TEXT_BYTES,
-        )
         try:
             if bytes_data is not None:
-                frames = protocol.parse_client_msgpack(bytes_data, limits)
+                frames = protocol.parse_client_msgpack(bytes_data, self.limits)
             else:
-                frames = protocol.parse_client_text(text_data or "", limits)
+                frames = protocol.parse_client_text(text_data or "", self.limits)
         except protocol.ProtocolError as exc:
             await self._settle()
             self._error(exc.code, exc.message)
@@ -427,77 +431,99 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         # The bound: the client's next frames wait (in daphne's inbound buffer, then in its
         # TCP window) until the oldest send is answered.
-        while len(self._pending) >= self.max_pending_sends:
-            await asyncio.wait([self._pending[0]])
+        while len(self._sends) >= self.max_pending_sends:
+            await self._advance()
         if self.closing:
             return
         started = time.perf_counter()
         request = services.PostRequest(self.user, frame.text, frame.client_id, origin=self.conn_id)
         # Queued now, so this socket's sends take seqs in the order it sent them.
         stored = ingest.submit(self.room.pk, request)
-        previous = self._pending[-1] if self._pending else None
-        task = asyncio.ensure_future(self._answer_send(frame, stored, started, previous))
-        self._pending.append(task)
-        task.add_done_callback(self._send_answered)
+        self._sends.append(_Send(frame, stored, started))
+        # A callback, not a task per send that waits for its outcome and then for the send
+        # before it: with 100 pipelining senders those tasks and waits were ~N % of the
+        # server's CPU (bench/ingest.py, py-spy).
+        stored.add_done_callback(self._answer_ready)
 
-    def _send_answered(self, task: asyncio.Task[None]) -> None:
-        # Usually the oldest (each awaits the one before); cancelled ones end in any order.
-        with contextlib.suppress(ValueError):
-            self._pending.remove(task)
+    def _advance(self) -> asyncio.Future[None]:
+        """A future done once the oldest send is answered, or all of them are dropped."""
+        if self._advanced is None or self._advanced.done():
+            self._advanced = asyncio.get_running_loop().create_future()
+        return self._advanced
+
+    def _wake(self) -> None:
+        if self._advanced is not None and not self._advanced.done():
+            self._advanced.set_result(None)
+        self._advanced = None
 
     async def _settle(self) -> None:
         """Wait until every send of this socket so far is answered."""
-        if self._pending:
-            await asyncio.wait([self._pending[-1]])
+        while self._sends:
+            await self._advance()
 
     async def _drop_pending(self) -> None:
         """The socket ends: its sends are stored anyway (``chat.ingest``), unanswered."""
-        tasks = list(self._pending)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # asyncio.wait, not gather: it does not raise the tasks' cancellations here.
-            await asyncio.wait(tasks)
+        asking, self._asking = self._asking, None
+        sends = list(self._sends)
+        self._sends.clear()
+        for send in sends:
+            if not send.stored.cancel():
+                _retrieve(send.stored)  # done already: nobody is told any more
+        self._wake()
+        if asking is not None:
+            asking.cancel()
+            # asyncio.wait, not gather: it does not raise the task's cancellation here.
+            await asyncio.wait([asking])
 
-    async def _answer_send(
-        self,
-        frame: protocol.SendMessage,
-        stored: asyncio.Future[services.PostResult],
-        started: float,
-        previous: asyncio.Task[None] | None,
-    ) -> None:
-        try:
-            try:
-                # Cancelling this task cancels ``stored``: only the answer is dropped.
-                await asyncio.wait([stored])
-                if previous is not None:
-                    await asyncio.wait([previous])
-            except asyncio.CancelledError:
-                if not stored.cancel() and not stored.cancelled():
-                    stored.exception()  # done already: retrieved, nobody is told any more
-                raise
+    def _answer_ready(self, _: object = None) -> None:
+        """Answer the oldest sends whose outcome is known, in the order they were sent.
+
+        The done callback of every send's outcome. A send that asks the assistant stays the
+        oldest until that request is made (``_asked``), as its answer is not complete before."""
+        sends = self._sends
+        answered = False
+        while sends and self._asking is None and sends[0].stored.done():
+            send = sends[0]
             if self.closing:
-                if not stored.cancelled():
-                    stored.exception()  # retrieved: nobody is told any more
-                return
-            await self._answer_stored(frame, stored, started)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # As an unhandled error in a frame handler: logged, and the socket closes (1011).
-            logger.exception("Answering a send in room %s failed", self.room.slug)
-            await self.close(code=protocol.CLOSE_INTERNAL_ERROR)
+                _retrieve(send.stored)
+            else:
+                try:
+                    self._answer_stored(send)
+                except Exception:
+                    # As an unhandled error in a frame handler: logged, the socket closes (1011).
+                    logger.exception("Answering a send in room %s failed", self.room.slug)
+                    self._close_soon(protocol.CLOSE_INTERNAL_ERROR)
+            if self._asking is not None:
+                break
+            sends.popleft()
+            answered = True
+        if answered:
+            self._wake()
 
-    async def _answer_stored(
-        self,
-        frame: protocol.SendMessage,
-        stored: asyncio.Future[services.PostResult],
-        started: float,
-    ) -> None:
+    def _asked(self, task: asyncio.Task[None]) -> None:
+        if task is not self._asking:
+            return  # dropped with the socket (``_drop_pending``)
+        self._asking = None
+        self._sends.popleft()  # the send it answered
+        self._wake()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("Answering a send in room %s failed", self.room.slug, exc_info=exc)
+            self._close_soon(protocol.CLOSE_INTERNAL_ERROR)
+        self._answer_ready()
+
+    def _close_soon(self, code: int) -> None:
+        self.closing = True
+        self.live = False
+        task = asyncio.ensure_future(self.close(code=code))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _answer_stored(self, send: _Send) -> None:
+        frame = send.frame
         cid = frame.client_id or None
         window = self._hub.send_window
         try:
-            result = stored.result()
+            result = send.stored.result()
         except services.RateLimited:
             self._rate_limited(cid)
             return
@@ -508,7 +534,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("Storing a message in room %s failed", self.room.slug)
             self._error(protocol.UNAVAILABLE, "The message could not be stored; retry.", cid)
             return
-        metrics().message_store_seconds.observe(time.perf_counter() - started)
+        metrics().message_store_seconds.observe(time.perf_counter() - send.started)
         if result.created:
             window.record(self.user_id, time.monotonic(), frame.client_id)
         # The ack goes out with the room's next batch, before the message itself.
@@ -517,7 +543,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.ack_frame(frame.client_id, seq), ack_seq=seq if result.created else None
         )
         if result.created and assistant.is_request(frame.text):
-            await self._ask_assistant(result.message)
+            self._asking = asyncio.ensure_future(self._ask_assistant(result.message))
+            self._asking.add_done_callback(self._asked)
 
     async def _handle_change(self, frame: protocol.Edit | protocol.Delete) -> None:
         """Edit or delete a message; everybody (this socket too) gets its message_update."""
@@ -761,3 +788,18 @@ def _one_resume(
         for i, f in enumerate(frames)
         if i == last or not isinstance(f, protocol.Resume)
     ]
+
+
+@dataclasses.dataclass(slots=True)
+class _Send:
+    """One send of a socket in flight: its frame, and the future of its outcome (``ingest``)."""
+
+    frame: protocol.SendMessage
+    stored: asyncio.Future[services.PostResult]
+    started: float  # time.perf_counter() when submitted
+
+
+def _retrieve(outcome: asyncio.Future[Any]) -> None:
+    """Mark a done outcome nobody is told of as retrieved (no "never retrieved" log)."""
+    if not outcome.cancelled():
+        outcome.exception()

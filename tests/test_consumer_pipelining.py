@@ -1,4 +1,4 @@
-"""Pipelined sends (chat/consumers.py ``_pending``): a socket has up to CHAT_MAX_PENDING_SENDS
+"""Pipelined sends (chat/consumers.py ``_sends``): a socket has up to CHAT_MAX_PENDING_SENDS
 sends in flight, so they share group commits, and every answer keeps the client's order."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from django.contrib.auth.models import User
 from django.test import override_settings
 
 from chat import ingest, protocol
+from chat.assistant import replies as assistant
 from chat.models import Room
 from chat.services import PostRequest, PostResult
 from tests.test_consumer import (
@@ -108,11 +109,13 @@ async def read_until(comm: Any, count: int) -> list[dict[str, Any]]:
     return got
 
 
-def answer_tasks() -> list[asyncio.Task[Any]]:
+def consumer_tasks() -> list[asyncio.Task[Any]]:
+    """The running tasks of a chat consumer's own coroutines (its receive loop, an assistant
+    request, a close): none may outlive a socket."""
     return [
         t
         for t in asyncio.all_tasks()
-        if getattr(t.get_coro(), "__qualname__", "") == "ChatConsumer._answer_send"
+        if getattr(t.get_coro(), "__qualname__", "").startswith("ChatConsumer.")
     ]
 
 
@@ -202,12 +205,11 @@ async def test_a_socket_that_closes_with_sends_pending_stores_them_and_leaks_not
     for i in range(3):
         await send(comm, {"type": "message", "text": f"m{i}", "client_id": f"c{i}"})
     await until(lambda: gate.in_flight == 3, "three sends in flight")
-    assert len(answer_tasks()) == 3
     await comm.disconnect()
+    assert gate.in_flight == 0  # every outcome was dropped: nobody waits for an answer
     assert await stored_texts_eventually(lobby, 3) == ["m0", "m1", "m2"]
     gate.release()
-    await until(lambda: not answer_tasks(), "the answering tasks ended")
-    assert gate.in_flight == 0  # every future was cancelled or answered
+    await until(lambda: not consumer_tasks(), "the consumer's tasks ended")
 
 
 async def test_an_unexpected_error_in_a_pending_send_is_logged_and_closes_the_socket(
@@ -224,7 +226,85 @@ async def test_an_unexpected_error_in_a_pending_send_is_logged_and_closes_the_so
     assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
     assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
     await comm.disconnect()
-    await until(lambda: not answer_tasks(), "the answering tasks ended")
+    await until(lambda: not consumer_tasks(), "the consumer's tasks ended")
+
+
+class HeldAssistant:
+    """Stands in for ``request_reply``: each request waits until released, then refuses (an
+    answer to its send, as a real refusal is) or fails unexpectedly."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.asked: list[str] = []
+        self.released = asyncio.Event()
+        self.fail = fail
+
+    async def request_reply(self, room: Room, user: User, message: Any) -> None:
+        self.asked.append(message.text)
+        await self.released.wait()
+        if self.fail:
+            raise RuntimeError("boom")
+        raise assistant.AssistantRefused(protocol.RATE_LIMITED, "Not now.")
+
+
+async def test_the_answer_to_an_assistant_request_comes_before_the_sends_after_it(
+    alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldAssistant()
+    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+    comm = await connected(alice, "lobby")
+    batch = [
+        {"type": "message", "text": "@assistant hello", "client_id": "c0"},
+        {"type": "message", "text": "after", "client_id": "c1"},
+    ]
+    await send(comm, batch)
+    got = await read_until(comm, 2)
+    assert [(f["type"], f.get("seq")) for f in got] == [("ack", 1), ("message", 1)]
+    await until(lambda: held.asked == ["@assistant hello"], "the assistant asked")
+    # Stored already, but its ack waits: the request's refusal answers the send before it.
+    assert await stored_texts_eventually(lobby, 2) == ["@assistant hello", "after"]
+    assert await quiet(comm), "no ack for the next send while the request runs"
+    held.released.set()
+    got = await read_until(comm, 3)
+    assert [(f["type"], f.get("code"), f.get("client_id")) for f in got] == [
+        ("error", protocol.RATE_LIMITED, None),
+        ("ack", None, "c1"),
+        ("message", None, "c1"),  # "after": held by the hub until its ack
+    ]
+    await comm.disconnect()
+    await until(lambda: not consumer_tasks(), "the consumer's tasks ended")
+
+
+async def test_a_socket_that_closes_during_an_assistant_request_cancels_it(
+    alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = HeldAssistant()
+    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+    comm = await connected(alice, "lobby")
+    await send(comm, {"type": "message", "text": "@assistant hello", "client_id": "c0"})
+    await send(comm, {"type": "message", "text": "after", "client_id": "c1"})
+    await until(lambda: held.asked == ["@assistant hello"], "the assistant asked")
+    assert consumer_tasks(), "the request runs in a task of the consumer"
+    await comm.disconnect()
+    await until(lambda: not consumer_tasks(), "the request was cancelled")
+    assert await stored_texts_eventually(lobby, 2) == ["@assistant hello", "after"]
+
+
+async def test_an_assistant_request_that_fails_unexpectedly_closes_the_socket(
+    alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = HeldAssistant(fail=True)
+    held.released.set()
+    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+    comm = await connected(alice, "lobby")
+    with caplog.at_level(logging.ERROR, logger="chat.consumers"):
+        await send(comm, {"type": "message", "text": "@assistant hello", "client_id": "c0"})
+        while True:
+            output = await comm.receive_output(timeout=3)
+            if output["type"] == "websocket.close":
+                break
+    assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
+    assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
+    await comm.disconnect()
 
 
 @override_settings(CHAT_MAX_PENDING_SENDS=0)
