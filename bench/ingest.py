@@ -17,7 +17,10 @@ reader's last message) and server CPU per stored message; then the ratio of the 
 throughput per database.
 
     .venv/bin/python -m bench.ingest [--dbs sqlite,postgres] [--senders 100] [--messages 20000]
-        [--window 1]
+        [--window 1] [--layer memory|redis]
+
+``--layer redis`` starts a throwaway redis-server and runs the servers on channels-redis (the
+layer of a deployment with several processes) instead of the in-memory layer.
 """
 
 from __future__ import annotations
@@ -187,19 +190,26 @@ async def run_db(
 async def main_async(args: argparse.Namespace) -> None:
     harness.raise_nofile(4 * args.senders + 100)
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        for db in args.dbs.split(","):
-            env = harness.project_env(Path(tmp) / "unused.sqlite3")
-            postgres = None
-            if db == "postgres":
-                postgres = servers.PostgresServer().start()
-            elif db != "sqlite":
-                raise SystemExit(f"unknown database {db!r}")
-            try:
-                runs += await run_db(db, env, Path(tmp), postgres, args)
-            finally:
-                if postgres is not None:
-                    postgres.cleanup()
+    redis = servers.RedisServer().start() if args.layer == "redis" else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            for db in args.dbs.split(","):
+                env = harness.project_env(Path(tmp) / "unused.sqlite3")
+                if redis is not None:
+                    env["REDIS_URL"] = redis.url
+                postgres = None
+                if db == "postgres":
+                    postgres = servers.PostgresServer().start()
+                elif db != "sqlite":
+                    raise SystemExit(f"unknown database {db!r}")
+                try:
+                    runs += await run_db(db, env, Path(tmp), postgres, args)
+                finally:
+                    if postgres is not None:
+                        postgres.cleanup()
+    finally:
+        if redis is not None:
+            redis.cleanup()
     print()
     for db in args.dbs.split(","):
         if len({r.variant for r in runs if r.db == db}) < len(VARIANTS):
@@ -219,6 +229,7 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=100)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=1, help="messages in flight per sender")
+    parser.add_argument("--layer", choices=("memory", "redis"), default="memory")
     parser.add_argument(
         "--variants",
         default=",".join(v for v, _ in VARIANTS),

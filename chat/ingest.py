@@ -146,10 +146,12 @@ _close_old_connections = sync_to_async(close_old_connections, thread_sensitive=T
 
 
 async def _broadcast(room_id: int, events: list[dict[str, Any]]) -> None:
-    for event in events:
-        try:
-            await services.abroadcast(room_id, event)
-        except Exception:
-            # Stored and acked regardless (like a failed on_commit broadcast): the room's
-            # sockets find the message by seq (gap fill, pong last_seq, resume).
-            logger.exception("Broadcasting message %s of room %s failed", event["seq"], room_id)
+    if not events:
+        return
+    try:
+        await services.abroadcast_many(room_id, events)
+    except Exception:
+        # Stored and acked regardless (like a failed on_commit broadcast): the room's
+        # sockets find the messages by seq (gap fill, pong last_seq, resume).
+        first, last = events[0]["seq"], events[-1]["seq"]
+        logger.exception("Broadcasting messages %s-%s of room %s failed", first, last, room_id)

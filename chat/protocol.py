@@ -51,6 +51,9 @@ EVENT_UPDATE = "chat.message_update"
 EVENT_ASSISTANT = "assistant.frame"
 EVENT_REVOKE = "chat.revoke"
 EVENT_RECHECK = "chat.recheck"
+# Several events of one room in one layer message (``events``, in order): a group commit's
+# messages, sent as few layer messages as their bound allows (services.abroadcast_many).
+EVENT_BATCH = "chat.events"
 # A room's presence changed: each process's presence hub re-reads the store (presence_hub.py).
 EVENT_PRESENCE_CHANGED = "presence.changed"
 # To a running reply's control channel (assistant/replies.py): stop it, or snapshot it to a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -399,6 +399,53 @@ async def abroadcast(room_id: int, event: dict[str, Any]) -> None:
     layer = get_channel_layer()
     if layer is not None:
         await layer.group_send(room_group(room_id), {**event, "room_id": room_id})
+
+
+# Most text in one layer message of several events (protocol.EVENT_BATCH), in UTF-8 bytes; an
+# event over it goes alone. A group commit of 100 messages (CHAT_GROUP_COMMIT_MAX_MESSAGES)
+# of ordinary length travels as one layer message: one Redis call instead of 100, one
+# receive per process (bench/ingest.py, docs/benchmarks.md).
+LAYER_BATCH_MAX_BYTES = 256 * 1024
+
+
+async def abroadcast_many(room_id: int, events: Sequence[dict[str, Any]]) -> None:
+    """Broadcast ``events`` of room ``room_id`` in order, several to a layer message, each
+    message at most LAYER_BATCH_MAX_BYTES of text.
+
+    A message the layer refuses does not stop the ones after it; the first failure is raised
+    once all were tried (the sockets find its messages by seq: gap fill, resume)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    group = room_group(room_id)
+    failed: Exception | None = None
+    for chunk in _layer_batches(events, LAYER_BATCH_MAX_BYTES):
+        if len(chunk) == 1:
+            message = {**chunk[0], "room_id": room_id}
+        else:
+            message = {"type": protocol.EVENT_BATCH, "room_id": room_id, "events": chunk}
+        try:
+            await layer.group_send(group, message)
+        except Exception as exc:
+            failed = failed or exc
+    if failed is not None:
+        raise failed
+
+
+def _layer_batches(
+    events: Sequence[dict[str, Any]], max_bytes: int
+) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for event in events:
+        text_bytes = event.get("size") or len(event["text"].encode("utf-8"))
+        if chunk and size + text_bytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += text_bytes
+    if chunk:
+        yield chunk
 
 
 async def relay_typing(room_id: int, user: User, active: bool) -> None:

@@ -462,6 +462,25 @@ async def test_hub_holds_an_update_until_its_message() -> None:
     assert (member.last_sent, member.last_update) == (2, 1)
 
 
+async def test_hub_takes_a_batch_event_as_its_events_in_order() -> None:
+    hub = make_hub([], [])
+    member = FakeMember()
+    hub.rooms[1].members[member.conn_id] = member
+    inner = [_message_event(1), _message_event(2), _update_event(1, 1), _message_event(3)]
+    hub.dispatch({"type": protocol.EVENT_BATCH, "room_id": 1, "events": inner})
+    await settle()
+    assert kinds(member) == [
+        ("message", 1, 0),
+        ("message", 2, 0),
+        ("message_update", 1, 1),
+        ("message", 3, 0),
+    ]
+    # Before the room's head is read, a batch's events wait with the other early ones.
+    hub.rooms[1].ready = False
+    hub.dispatch({"type": protocol.EVENT_BATCH, "room_id": 1, "events": [_message_event(4)]})
+    assert [e["seq"] for e in hub.rooms[1].early] == [4]
+
+
 async def test_hub_orders_changes_and_drops_repeats() -> None:
     hub = make_hub([], [])
     member = FakeMember()

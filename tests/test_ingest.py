@@ -12,7 +12,7 @@ from django.contrib.auth.models import User
 from django.db import OperationalError
 from django.test import override_settings
 
-from chat import ingest, services
+from chat import ingest, protocol, services
 from chat.models import Membership, Message, Room
 from chat.services import PostRequest, PostResult
 
@@ -130,3 +130,74 @@ async def test_a_sender_that_goes_away_does_not_cancel_the_others() -> None:
     assert [r.message.seq for r in done] == [1, 3]
     # The cancelled send was stored all the same (as a single send's transaction would be).
     assert [text for _, text in await stored(room)] == ["m0", "m1", "m2"]
+
+
+class RecordingLayer:
+    """Stands in for the channel layer: records each group message; ``fail`` refuses the
+    first that many, as a layer that is down would."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.fail = fail
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError("layer down")
+        self.sent.append(message)
+
+
+def events_of(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for m in sent for e in (m["events"] if m["type"] == "chat.events" else [m])]
+
+
+async def test_a_group_commit_reaches_the_layer_as_one_message(
+    monkeypatch: pytest.MonkeyPatch, transactions: list[int]
+) -> None:
+    layer = RecordingLayer()
+    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    room = await make_room("lobby")
+    users = [await make_user(f"u{i}") for i in range(5)]
+    await asyncio.gather(
+        *(ingest.post(room.pk, PostRequest(u, f"m{i}", f"c{i}")) for i, u in enumerate(users))
+    )
+    assert transactions == [5]
+    assert len(layer.sent) == 1
+    (batch,) = layer.sent
+    assert batch["type"] == protocol.EVENT_BATCH and batch["room_id"] == room.pk
+    assert [e["seq"] for e in batch["events"]] == [1, 2, 3, 4, 5]
+    # A lone message goes as itself, as before.
+    await ingest.post(room.pk, PostRequest(users[0], "alone"))
+    assert layer.sent[1]["type"] == protocol.EVENT_MESSAGE and layer.sent[1]["seq"] == 6
+
+
+async def test_layer_messages_are_bounded_in_encoded_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = RecordingLayer()
+    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    monkeypatch.setattr(services, "LAYER_BATCH_MAX_BYTES", 100)
+    # 40 characters, 80 bytes each: two never share a message, though 80 characters would fit.
+    texts = ["é" * 40] * 3 + ["x" * 30, "y" * 30, "z" * 30, "w" * 300]
+    events = [
+        {"type": protocol.EVENT_MESSAGE, "seq": i + 1, "text": t} for i, t in enumerate(texts)
+    ]
+    await services.abroadcast_many(7, events)
+    chunks = [m["events"] if m["type"] == protocol.EVENT_BATCH else [m] for m in layer.sent]
+    assert [[e["seq"] for e in c] for c in chunks] == [[1], [2], [3], [4, 5, 6], [7]]
+    for chunk in chunks:
+        text_bytes = sum(len(e["text"].encode()) for e in chunk)
+        assert len(chunk) == 1 or text_bytes <= 100
+    assert all(m["room_id"] == 7 for m in layer.sent)
+
+
+async def test_a_layer_message_refused_does_not_stop_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = RecordingLayer(fail=1)
+    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    monkeypatch.setattr(services, "LAYER_BATCH_MAX_BYTES", 10)
+    events = [{"type": protocol.EVENT_MESSAGE, "seq": s, "text": "x" * 8} for s in (1, 2, 3)]
+    with pytest.raises(ConnectionError):
+        await services.abroadcast_many(7, events)
+    assert [e["seq"] for e in events_of(layer.sent)] == [2, 3]

@@ -381,10 +381,11 @@ class RoomHub:
         room = self.rooms.get(int(event.get("room_id", -1)))
         if room is None:
             return
-        if not room.ready:
-            room.early.append(event)  # subscribed, head not read yet
-            return
-        self._on_event(room, event)
+        for one in event["events"] if kind == protocol.EVENT_BATCH else (event,):
+            if not room.ready:
+                room.early.append(one)  # subscribed, head not read yet
+            else:
+                self._on_event(room, one)
 
     def _on_event(self, room: _Room, event: dict[str, Any]) -> None:
         kind = event.get("type")
