@@ -70,10 +70,11 @@ def check_chat_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
         "CHAT_MENTION_RATE_LIMIT_WINDOW_SECONDS": app_settings.MENTION_RATE_LIMIT_WINDOW_SECONDS,
     }
     errors.extend(kit_checks.positive_errors(positive, "chat.E001"))
-    # 0 turns mentions off.
+    # 0 turns mentions off; 0 sends every message of a group commit alone.
     non_negative: dict[str, float] = {
         "CHAT_MAX_MENTIONS": app_settings.MAX_MENTIONS,
         "CHAT_MENTION_RATE_LIMIT": app_settings.MENTION_RATE_LIMIT,
+        "CHAT_LAYER_BATCH_MAX_BYTES": app_settings.LAYER_BATCH_MAX_BYTES,
     }
     errors.extend(kit_checks.non_negative_errors(non_negative, "chat.E005"))
     moved = [name for name in MOVED_SETTINGS if hasattr(settings, name)]

@@ -139,6 +139,13 @@ class ChatSettings:
         return int(self._get("GROUP_COMMIT_MAX_MESSAGES", 100))
 
     @property
+    def LAYER_BATCH_MAX_BYTES(self) -> int:
+        """Most text (UTF-8 bytes) in one channel-layer message carrying several messages of a
+        group commit (``chat.events``); one over it goes alone. 0: every message alone, as
+        before ``chat.events`` existed (for a rolling upgrade from such a version)."""
+        return int(self._get("LAYER_BATCH_MAX_BYTES", 256 * 1024))
+
+    @property
     def MAX_PENDING_SENDS(self) -> int:
         """Most sends of one socket in flight (stored or being stored, not answered yet); at
         it the socket's next frame waits for the oldest (chat/consumers.py)."""

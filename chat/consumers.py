@@ -503,7 +503,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _asked(self, task: asyncio.Task[None]) -> None:
         if task is not self._asking:
-            return  # dropped with the socket (``_drop_pending``)
+            # Dropped with the socket (``_drop_pending``): nobody is told any more.
+            if not task.cancelled():
+                task.exception()
+            return
         self._asking = None
         self._sends.popleft()  # the send it answered
         self._wake()

@@ -401,16 +401,12 @@ async def abroadcast(room_id: int, event: dict[str, Any]) -> None:
         await layer.group_send(room_group(room_id), {**event, "room_id": room_id})
 
 
-# Most text in one layer message of several events (protocol.EVENT_BATCH), in UTF-8 bytes; an
-# event over it goes alone. A group commit of 100 messages (CHAT_GROUP_COMMIT_MAX_MESSAGES)
-# of ordinary length travels as one layer message: one Redis call instead of 100, one
-# receive per process (bench/ingest.py, docs/benchmarks.md).
-LAYER_BATCH_MAX_BYTES = 256 * 1024
-
-
 async def abroadcast_many(room_id: int, events: Sequence[dict[str, Any]]) -> None:
     """Broadcast ``events`` of room ``room_id`` in order, several to a layer message, each
-    message at most LAYER_BATCH_MAX_BYTES of text.
+    message at most ``CHAT_LAYER_BATCH_MAX_BYTES`` of text (an event over it goes alone).
+
+    A group commit of 100 messages of ordinary length travels as one layer message: one Redis
+    call instead of 100, one receive per process (bench/ingest.py, docs/benchmarks.md).
 
     A message the layer refuses does not stop the ones after it; the first failure is raised
     once all were tried (the sockets find its messages by seq: gap fill, resume)."""
@@ -419,7 +415,7 @@ async def abroadcast_many(room_id: int, events: Sequence[dict[str, Any]]) -> Non
         return
     group = room_group(room_id)
     failed: Exception | None = None
-    for chunk in _layer_batches(events, LAYER_BATCH_MAX_BYTES):
+    for chunk in _layer_batches(events, app_settings.LAYER_BATCH_MAX_BYTES):
         if len(chunk) == 1:
             message = {**chunk[0], "room_id": room_id}
         else:

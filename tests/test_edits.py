@@ -475,10 +475,17 @@ async def test_hub_takes_a_batch_event_as_its_events_in_order() -> None:
         ("message_update", 1, 1),
         ("message", 3, 0),
     ]
+    # One malformed event of a batch does not cost the others.
+    broken = {"type": protocol.EVENT_MESSAGE, "room_id": 1, "seq": 4}  # no text
+    hub.dispatch(
+        {"type": protocol.EVENT_BATCH, "room_id": 1, "events": [broken, _message_event(4)]}
+    )
+    await settle()
+    assert kinds(member)[-1] == ("message", 4, 0)
     # Before the room's head is read, a batch's events wait with the other early ones.
     hub.rooms[1].ready = False
-    hub.dispatch({"type": protocol.EVENT_BATCH, "room_id": 1, "events": [_message_event(4)]})
-    assert [e["seq"] for e in hub.rooms[1].early] == [4]
+    hub.dispatch({"type": protocol.EVENT_BATCH, "room_id": 1, "events": [_message_event(5)]})
+    assert [e["seq"] for e in hub.rooms[1].early] == [5]
 
 
 async def test_hub_orders_changes_and_drops_repeats() -> None:

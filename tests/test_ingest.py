@@ -171,12 +171,12 @@ async def test_a_group_commit_reaches_the_layer_as_one_message(
     assert layer.sent[1]["type"] == protocol.EVENT_MESSAGE and layer.sent[1]["seq"] == 6
 
 
+@override_settings(CHAT_LAYER_BATCH_MAX_BYTES=100)
 async def test_layer_messages_are_bounded_in_encoded_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     layer = RecordingLayer()
     monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
-    monkeypatch.setattr(services, "LAYER_BATCH_MAX_BYTES", 100)
     # 40 characters, 80 bytes each: two never share a message, though 80 characters would fit.
     texts = ["é" * 40] * 3 + ["x" * 30, "y" * 30, "z" * 30, "w" * 300]
     events = [
@@ -191,13 +191,39 @@ async def test_layer_messages_are_bounded_in_encoded_bytes(
     assert all(m["room_id"] == 7 for m in layer.sent)
 
 
+@override_settings(CHAT_LAYER_BATCH_MAX_BYTES=10)
 async def test_a_layer_message_refused_does_not_stop_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     layer = RecordingLayer(fail=1)
     monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
-    monkeypatch.setattr(services, "LAYER_BATCH_MAX_BYTES", 10)
     events = [{"type": protocol.EVENT_MESSAGE, "seq": s, "text": "x" * 8} for s in (1, 2, 3)]
     with pytest.raises(ConnectionError):
         await services.abroadcast_many(7, events)
     assert [e["seq"] for e in events_of(layer.sent)] == [2, 3]
+
+
+@override_settings(CHAT_LAYER_BATCH_MAX_BYTES=0)
+async def test_a_zero_layer_bound_publishes_every_message_alone(
+    monkeypatch: pytest.MonkeyPatch, transactions: list[int]
+) -> None:
+    # For a rolling upgrade: what a version without chat.events reads.
+    layer = RecordingLayer()
+    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    room = await make_room("lobby")
+    users = [await make_user(f"u{i}") for i in range(3)]
+    await asyncio.gather(
+        *(ingest.post(room.pk, PostRequest(u, f"m{i}")) for i, u in enumerate(users))
+    )
+    assert transactions == [3]
+    assert [(m["type"], m["seq"]) for m in layer.sent] == [
+        (protocol.EVENT_MESSAGE, s) for s in (1, 2, 3)
+    ]
+
+
+@override_settings(CHAT_LAYER_BATCH_MAX_BYTES=-1)
+def test_a_negative_layer_bound_is_an_error() -> None:
+    from chat.checks import check_chat_settings
+
+    messages = [m.msg for m in check_chat_settings() if m.id == "chat.E005"]
+    assert any("CHAT_LAYER_BATCH_MAX_BYTES" in m for m in messages)

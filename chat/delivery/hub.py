@@ -381,11 +381,20 @@ class RoomHub:
         room = self.rooms.get(int(event.get("room_id", -1)))
         if room is None:
             return
-        for one in event["events"] if kind == protocol.EVENT_BATCH else (event,):
-            if not room.ready:
-                room.early.append(one)  # subscribed, head not read yet
-            else:
-                self._on_event(room, one)
+        if kind != protocol.EVENT_BATCH:
+            self._on_room_event(room, event)
+            return
+        for one in event["events"]:
+            try:
+                self._on_room_event(room, one)
+            except Exception:  # one malformed event of a batch: the others still count
+                logger.exception("Handling room event %s failed", one.get("type"))
+
+    def _on_room_event(self, room: _Room, event: dict[str, Any]) -> None:
+        if not room.ready:
+            room.early.append(event)  # subscribed, head not read yet
+        else:
+            self._on_event(room, event)
 
     def _on_event(self, room: _Room, event: dict[str, Any]) -> None:
         kind = event.get("type")
