@@ -92,6 +92,21 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     yield g
 
 
+async def closes_with_a_logged_error(
+    comm: Any, payload: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Send ``payload``; the socket closes with 1011 and logs why (with the traceback)."""
+    with caplog.at_level(logging.ERROR, logger="chat.consumers"):
+        await send(comm, payload)
+        while True:
+            output = await comm.receive_output(timeout=3)
+            if output["type"] == "websocket.close":
+                break
+    assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
+    assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
+    await comm.disconnect()
+
+
 async def until(condition: Callable[[], bool], what: str) -> None:
     for _ in range(200):
         if condition():
@@ -217,15 +232,7 @@ async def test_an_unexpected_error_in_a_pending_send_is_logged_and_closes_the_so
 ) -> None:
     comm = await connected(alice, "lobby")
     gate.fail.add("bad")
-    with caplog.at_level(logging.ERROR, logger="chat.consumers"):
-        await send(comm, [{"type": "message", "text": "bad", "client_id": "c0"}])
-        while True:
-            output = await comm.receive_output(timeout=3)
-            if output["type"] == "websocket.close":
-                break
-    assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
-    assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
-    await comm.disconnect()
+    await closes_with_a_logged_error(comm, [{"type": "message", "text": "bad"}], caplog)
     await until(lambda: not consumer_tasks(), "the consumer's tasks ended")
 
 
@@ -296,15 +303,7 @@ async def test_an_assistant_request_that_fails_unexpectedly_closes_the_socket(
     held.released.set()
     monkeypatch.setattr(assistant, "request_reply", held.request_reply)
     comm = await connected(alice, "lobby")
-    with caplog.at_level(logging.ERROR, logger="chat.consumers"):
-        await send(comm, {"type": "message", "text": "@assistant hello", "client_id": "c0"})
-        while True:
-            output = await comm.receive_output(timeout=3)
-            if output["type"] == "websocket.close":
-                break
-    assert output["code"] == protocol.CLOSE_INTERNAL_ERROR
-    assert any("Answering a send" in r.getMessage() and r.exc_info for r in caplog.records)
-    await comm.disconnect()
+    await closes_with_a_logged_error(comm, {"type": "message", "text": "@assistant hi"}, caplog)
 
 
 @override_settings(CHAT_MAX_PENDING_SENDS=0)

@@ -147,6 +147,24 @@ class RecordingLayer:
         self.sent.append(message)
 
 
+def recording_layer(monkeypatch: pytest.MonkeyPatch, fail: int = 0) -> RecordingLayer:
+    """A RecordingLayer in place of the project's channel layer, for this test."""
+    layer = RecordingLayer(fail)
+    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    return layer
+
+
+async def post_concurrently(room: Room, count: int, client_ids: bool = True) -> None:
+    """``count`` users each send one message to ``room`` at once (one group commit)."""
+    users = [await make_user(f"u{i}") for i in range(count)]
+    await asyncio.gather(
+        *(
+            ingest.post(room.pk, PostRequest(u, f"m{i}", f"c{i}" if client_ids else ""))
+            for i, u in enumerate(users)
+        )
+    )
+
+
 def events_of(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for m in sent for e in (m["events"] if m["type"] == "chat.events" else [m])]
 
@@ -154,20 +172,16 @@ def events_of(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def test_a_group_commit_reaches_the_layer_as_one_message(
     monkeypatch: pytest.MonkeyPatch, transactions: list[int]
 ) -> None:
-    layer = RecordingLayer()
-    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    layer = recording_layer(monkeypatch)
     room = await make_room("lobby")
-    users = [await make_user(f"u{i}") for i in range(5)]
-    await asyncio.gather(
-        *(ingest.post(room.pk, PostRequest(u, f"m{i}", f"c{i}")) for i, u in enumerate(users))
-    )
+    await post_concurrently(room, 5)
     assert transactions == [5]
     assert len(layer.sent) == 1
     (batch,) = layer.sent
     assert batch["type"] == protocol.EVENT_BATCH and batch["room_id"] == room.pk
     assert [e["seq"] for e in batch["events"]] == [1, 2, 3, 4, 5]
     # A lone message goes as itself, as before.
-    await ingest.post(room.pk, PostRequest(users[0], "alone"))
+    await ingest.post(room.pk, PostRequest(await make_user("alone"), "alone"))
     assert layer.sent[1]["type"] == protocol.EVENT_MESSAGE and layer.sent[1]["seq"] == 6
 
 
@@ -175,8 +189,7 @@ async def test_a_group_commit_reaches_the_layer_as_one_message(
 async def test_layer_messages_are_bounded_in_encoded_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    layer = RecordingLayer()
-    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    layer = recording_layer(monkeypatch)
     # 40 characters, 80 bytes each: two never share a message, though 80 characters would fit.
     texts = ["é" * 40] * 3 + ["x" * 30, "y" * 30, "z" * 30, "w" * 300]
     events = [
@@ -195,8 +208,7 @@ async def test_layer_messages_are_bounded_in_encoded_bytes(
 async def test_a_layer_message_refused_does_not_stop_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    layer = RecordingLayer(fail=1)
-    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    layer = recording_layer(monkeypatch, fail=1)
     events = [{"type": protocol.EVENT_MESSAGE, "seq": s, "text": "x" * 8} for s in (1, 2, 3)]
     with pytest.raises(ConnectionError):
         await services.abroadcast_many(7, events)
@@ -208,13 +220,9 @@ async def test_a_zero_layer_bound_publishes_every_message_alone(
     monkeypatch: pytest.MonkeyPatch, transactions: list[int]
 ) -> None:
     # For a rolling upgrade: what a version without chat.events reads.
-    layer = RecordingLayer()
-    monkeypatch.setattr(services, "get_channel_layer", lambda: layer)
+    layer = recording_layer(monkeypatch)
     room = await make_room("lobby")
-    users = [await make_user(f"u{i}") for i in range(3)]
-    await asyncio.gather(
-        *(ingest.post(room.pk, PostRequest(u, f"m{i}")) for i, u in enumerate(users))
-    )
+    await post_concurrently(room, 3, client_ids=False)
     assert transactions == [3]
     assert [(m["type"], m["seq"]) for m in layer.sent] == [
         (protocol.EVENT_MESSAGE, s) for s in (1, 2, 3)
