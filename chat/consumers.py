@@ -58,6 +58,8 @@ from .presence_hub import PresenceHub, get_hub
 from .protocol import Encoded
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
@@ -365,7 +367,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.hub.detach(self.room.pk, self)
         metrics().socket_closes.labels(code=str(code)).inc()
         discard = code == protocol.CLOSE_SLOW_CONSUMER
-        task = asyncio.ensure_future(self.writer.close(code, discard=discard))
+        self._spawn(self.writer.close(code, discard=discard))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task this socket holds until it ends (tasks are weak refs)."""
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -503,9 +509,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _asked(self, task: asyncio.Task[None]) -> None:
         if task is not self._asking:
-            # Dropped with the socket (``_drop_pending``): nobody is told any more.
-            if not task.cancelled():
-                task.exception()
+            _retrieve(task)  # dropped with the socket (``_drop_pending``): nobody is told
             return
         self._asking = None
         self._sends.popleft()  # the send it answered
@@ -518,9 +522,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def _close_soon(self, code: int) -> None:
         self.closing = True
         self.live = False
-        task = asyncio.ensure_future(self.close(code=code))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.close(code=code))
 
     def _answer_stored(self, send: _Send) -> None:
         frame = send.frame
@@ -674,9 +676,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _schedule_flush_read(self) -> None:
         self.read_timer = None
-        task = asyncio.ensure_future(self._flush_read())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._flush_read())
 
     async def _flush_read(self) -> None:
         seq, self.pending_read = self.pending_read, None

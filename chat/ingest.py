@@ -146,8 +146,6 @@ _close_old_connections = sync_to_async(close_old_connections, thread_sensitive=T
 
 
 async def _broadcast(room_id: int, events: list[dict[str, Any]]) -> None:
-    if not events:
-        return
     try:
         await services.abroadcast_many(room_id, events)
     except Exception:

@@ -410,18 +410,11 @@ async def abroadcast_many(room_id: int, events: Sequence[dict[str, Any]]) -> Non
 
     A message the layer refuses does not stop the ones after it; the first failure is raised
     once all were tried (the sockets find its messages by seq: gap fill, resume)."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    group = room_group(room_id)
     failed: Exception | None = None
     for chunk in _layer_batches(events, app_settings.LAYER_BATCH_MAX_BYTES):
-        if len(chunk) == 1:
-            message = {**chunk[0], "room_id": room_id}
-        else:
-            message = {"type": protocol.EVENT_BATCH, "room_id": room_id, "events": chunk}
+        event = chunk[0] if len(chunk) == 1 else {"type": protocol.EVENT_BATCH, "events": chunk}
         try:
-            await layer.group_send(group, message)
+            await abroadcast(room_id, event)
         except Exception as exc:
             failed = failed or exc
     if failed is not None:

@@ -245,6 +245,13 @@ class HeldAssistant:
         self.released = asyncio.Event()
         self.fail = fail
 
+    @classmethod
+    def installed(cls, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> HeldAssistant:
+        """One in place of ``request_reply`` for this test."""
+        held = cls(fail)
+        monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+        return held
+
     async def request_reply(self, room: Room, user: User, message: Any) -> None:
         self.asked.append(message.text)
         await self.released.wait()
@@ -256,8 +263,7 @@ class HeldAssistant:
 async def test_the_answer_to_an_assistant_request_comes_before_the_sends_after_it(
     alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    held = HeldAssistant()
-    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+    held = HeldAssistant.installed(monkeypatch)
     comm = await connected(alice, "lobby")
     batch = [
         {"type": "message", "text": "@assistant hello", "client_id": "c0"},
@@ -284,8 +290,7 @@ async def test_the_answer_to_an_assistant_request_comes_before_the_sends_after_i
 async def test_a_socket_that_closes_during_an_assistant_request_cancels_it(
     alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    held = HeldAssistant()
-    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
+    held = HeldAssistant.installed(monkeypatch)
     comm = await connected(alice, "lobby")
     await send(comm, {"type": "message", "text": "@assistant hello", "client_id": "c0"})
     await send(comm, {"type": "message", "text": "after", "client_id": "c1"})
@@ -299,9 +304,8 @@ async def test_a_socket_that_closes_during_an_assistant_request_cancels_it(
 async def test_an_assistant_request_that_fails_unexpectedly_closes_the_socket(
     alice: User, lobby: Room, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    held = HeldAssistant(fail=True)
+    held = HeldAssistant.installed(monkeypatch, fail=True)
     held.released.set()
-    monkeypatch.setattr(assistant, "request_reply", held.request_reply)
     comm = await connected(alice, "lobby")
     await closes_with_a_logged_error(comm, {"type": "message", "text": "@assistant hi"}, caplog)
 
